@@ -1,0 +1,76 @@
+"""Architecture families: a batched functional forward for all models of a zoo batch at once.
+
+A family module (siren.py, small_cnn.py, wild_park.py) defines, for an `arch` dict from spec["archs"]:
+
+    input_shape(arch) -> tuple                 one probe's shape, e.g. (2,) or (1, 32, 32)
+    output_dim(arch) -> int                    e.g. 1 for an INR, 10 logits for a CNN
+    param_shapes(arch) -> [(name, shape)]      the reference module's state_dict, in packed order
+    forward(arch, weights, x) -> (B, K, out)   weights (B, D >= num_params), x (K, *input_shape) shared
+    reference_module(arch, row) -> nn.Module   one model rebuilt from a packed row (for tests)
+
+and registers itself in FAMILIES. `forward(arch, ...)` never loops over models in Python.
+"""
+
+import math
+
+import torch
+
+from probegen.errors import ProbegenError
+
+FAMILIES = {}
+
+
+def register(name):
+    def deco(module_like):
+        FAMILIES[name] = module_like
+        return module_like
+    return deco
+
+
+def get_family(name):
+    _load_all()
+    if name not in FAMILIES:
+        raise ProbegenError(f"unknown architecture family {name!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def num_params(family, arch):
+    return sum(math.prod(shape) for _, shape in get_family(family).param_shapes(arch))
+
+
+def unflatten(family, arch, weights):
+    """(B, D) -> {name: (B, *shape)} views into the packed rows (zero padding beyond num_params ignored)."""
+    out, start = {}, 0
+    for name, shape in get_family(family).param_shapes(arch):
+        size = math.prod(shape)
+        out[name] = weights[:, start:start + size].reshape(weights.shape[0], *shape)
+        start += size
+    return out
+
+
+def forward_zoo(family, archs, arch_ids, weights, x):
+    """Forward a batch that may mix architectures: one batched call per architecture present.
+
+    archs: spec["archs"]; arch_ids: (B,) long; weights: (B, D); x: (K, *input_shape) -> (B, K, out).
+    """
+    fam = get_family(family)
+    present = torch.unique(arch_ids)
+    if len(present) == 1:
+        return fam.forward(archs[int(present[0])], weights, x)
+    out = None
+    for a in present.tolist():
+        rows = torch.nonzero(arch_ids == a).squeeze(1)
+        y = fam.forward(archs[a], weights[rows], x)  # (b, K, out)
+        if out is None:
+            out = y.new_zeros((weights.shape[0], *y.shape[1:]))
+        out[rows] = y
+    return out
+
+
+def _load_all():
+    # Importing a family module registers it.
+    from probegen.nets import siren, small_cnn  # noqa: F401
+    try:
+        from probegen.nets import wild_park  # noqa: F401
+    except ImportError:
+        pass
