@@ -1,0 +1,148 @@
+"""Benchmarks (printed, never asserted):
+
+    python -m probegen.bench                 ProbeGen steps/s batched vs per-model loop, zoo build times,
+                                             path patching hypotheses/s
+    python -m probegen.bench --pipeline      + full default `dvc repro` and `dvc exp run -S num_probes=64`
+                                             on a fresh clone of HEAD
+    python -m probegen.bench --scale full    + synthetic zoos of the real sizes: probing throughput and
+                                             projected time of one full paper run per zoo
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from probegen.methods import build_method
+from probegen.nets import get_family
+from probegen.train import resolve_device
+from probegen.zoo.packed import PackedZoo, load_packed
+
+SIREN_ARCH = {"in_dim": 2, "hidden": [32, 32], "out_dim": 1, "w0": 30.0, "out_bias": 0.5}
+
+
+def random_zoo(family, arch, num_models, task="classification", seed=0):
+    """An in-memory packed zoo of random weights: speed does not depend on the values."""
+    import pandas as pd
+
+    dim = sum(int(np.prod(s)) for _, s in get_family(family).param_shapes(arch))
+    gen = np.random.default_rng(seed)
+    weights = (gen.standard_normal((num_models, dim)) * 0.1).astype(np.float32)
+    labels = gen.integers(0, 10, num_models) if task == "classification" else gen.random(num_models, np.float32)
+    spec = {"family": family, "task": task, "num_classes": 10, "archs": [arch]}
+    meta = pd.DataFrame({"id": [str(i) for i in range(num_models)], "arch": 0})
+    return PackedZoo(Path("."), weights, labels, meta, spec)
+
+
+def digits_inr_zoo():
+    path = Path("data/zoos/digits_inr")
+    return load_packed(path) if path.exists() else random_zoo("siren", SIREN_ARCH, 1797)
+
+
+def _timed_steps(step, steps, warmup=3):
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps / (time.perf_counter() - start)
+
+
+def probegen_steps_per_second(zoo, num_probes=128, batch=32, steps=30, device="cpu"):
+    """Training steps/s of ProbeGen: the batched functional forward vs a Python loop over nn.Modules
+    (one reference module per zoo member, as the official implementation probes them)."""
+    method = build_method("probegen", zoo, {}, num_probes=num_probes, seed=0).to(device)
+    opt = torch.optim.Adam(method.parameters(), lr=3e-4)
+    fam = get_family(zoo.family)
+    n = min(len(zoo), 512)
+    weights = torch.as_tensor(np.asarray(zoo.weights[:n])).to(device)
+    arch_ids = torch.as_tensor(zoo.arch_ids[:n]).to(device)
+    labels = torch.as_tensor(np.asarray(zoo.labels[:n])).long().to(device)
+    modules = [fam.reference_module(zoo.archs[int(a)], weights[i]).to(device).requires_grad_(False)
+               for i, a in enumerate(arch_ids)]
+    gen = torch.Generator().manual_seed(0)
+
+    def step(loop):
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        if loop:
+            probes = method.probes()  # (K, 2)
+            responses = torch.stack([modules[i](probes) for i in idx.tolist()])  # (B, K, 1)
+            logits = method.head(responses.flatten(1))
+        else:
+            logits = method(weights[idx], arch_ids[idx])  # (B, 10)
+        loss = F.cross_entropy(logits, labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    batched = _timed_steps(lambda: step(False), steps)
+    looped = _timed_steps(lambda: step(True), max(5, steps // 3))
+    return {"batched_steps_per_s": batched, "loop_steps_per_s": looped, "speedup": batched / looped}
+
+
+def zoo_build_times():
+    out = {}
+    for summary in sorted(Path("data/raw").glob("*/build_summary.json")):
+        out[summary.parent.name] = json.loads(summary.read_text())
+    return out
+
+
+def pipeline_times(repo="."):
+    """Time the default `dvc repro` on a fresh clone of HEAD, then `dvc exp run -S num_probes=64`."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        clone = Path(tmp) / "clone"
+        subprocess.run(["git", "clone", "-q", str(Path(repo).resolve()), str(clone)], check=True)
+        times = {}
+        for name, cmd in (("dvc_repro_s", "dvc repro"), ("dvc_exp_run_num_probes_64_s", "dvc exp run -S num_probes=64")):
+            start = time.perf_counter()
+            subprocess.run(cmd, shell=True, cwd=clone, env=env, check=True, stdout=subprocess.DEVNULL)
+            times[name] = time.perf_counter() - start
+    times["exp_run_fraction_of_repro"] = times["dvc_exp_run_num_probes_64_s"] / times["dvc_repro_s"]
+    return times
+
+
+def machine():
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": resolve_device("auto")}
+
+
+def report(title, values):
+    print(f"\n== {title}")
+    for key, value in values.items():
+        print(f"  {key:42s} {value:.3f}" if isinstance(value, float) else f"  {key:42s} {value}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", action="store_true", help="also time the full default dvc repro")
+    parser.add_argument("--scale", choices=["embedded", "full"], default="embedded")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    report("machine", machine())
+    report("ProbeGen on digits_inr (K=128, batch 32): batched forward vs per-model nn.Module loop",
+           probegen_steps_per_second(digits_inr_zoo(), device=device))
+    for zoo, summary in zoo_build_times().items():
+        report(f"zoo build: {zoo}", summary)
+    from probegen.patching.bench import bench_patching
+    report("path patching on the induction model: hypotheses/s", bench_patching())
+    if args.scale == "full":
+        from probegen.scale import full_scale_report
+        for zoo, values in full_scale_report(device).items():
+            report(f"full scale: {zoo}", values)
+    if args.pipeline:
+        report("pipeline (fresh clone of HEAD)", pipeline_times())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Every predictor behind one interface, by name. Adding a method = one new module + one import below.
+
+    build_method(name, zoo, cfg, num_probes=..., probe_pool=..., seed=...) -> Method (an nn.Module)
+
+`cfg` is the method's params.yaml entry: the method reads its own keys (Method.defaults, see each module)
+and ignores the training keys that probegen.train reads; any other key is an error (a typo otherwise
+silently falls back to a default).
+"""
+
+import torch
+
+from probegen.errors import ProbegenError
+
+KINDS = ("probe", "weights")
+TRAIN_KEYS = ("optimizer", "lr", "weight_decay", "grad_clip")
+METHODS = {}
+
+
+def register(name, kind):
+    if kind not in KINDS:
+        raise ValueError(f"method kind must be one of {KINDS}, got {kind!r}")
+
+    def deco(cls):
+        cls.name, cls.kind = name, kind
+        METHODS[name] = cls
+        return cls
+    return deco
+
+
+def method_cfg(name, cfg):
+    """The method's own settings: its defaults overridden by cfg; unknown keys are an error."""
+    cls = METHODS[name]
+    cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - set(cls.defaults) - set(TRAIN_KEYS))
+    if unknown:
+        raise ProbegenError(f"method.{name}: unknown key {unknown[0]!r}; {name} reads {sorted(cls.defaults)} "
+                            f"and the training keys {list(TRAIN_KEYS)}")
+    return {k: cfg.get(k, v) for k, v in cls.defaults.items()}
+
+
+def build_method(name, zoo, cfg, *, num_probes, probe_pool=None, seed=0):
+    """A freshly initialised method for this zoo; initialisation is seeded (torch.manual_seed(seed))."""
+    if name not in METHODS:
+        raise ProbegenError(f"unknown method {name!r}; known: {sorted(METHODS)}")
+    own = method_cfg(name, cfg)
+    torch.manual_seed(seed)
+    return METHODS[name](zoo, own, num_probes=num_probes, probe_pool=probe_pool)
+
+
+# Importing a method module registers it.
+from probegen.methods import mlp, probegen, statnn, synthetic, vanilla  # noqa: E402, F401

@@ -1,0 +1,114 @@
+"""The DWSNets SIREN: the INR family of the MNIST / FMNIST zoos (and the embedded digits zoo).
+
+    arch = {"in_dim": 2, "hidden": [32, 32], "out_dim": 1, "w0": 30.0, "out_bias": 0.5}
+
+    f(x) = W2 sin(w0 (W1 sin(w0 (W0 x + b0)) + b1)) + b2 + out_bias
+
+Parameters are packed in the order of the DWSNets state dict: seq.0.weight (32, 2), seq.0.bias (32),
+seq.1.weight (32, 32), seq.1.bias (32), seq.2.weight (1, 32), seq.2.bias (1) = 1,185 numbers.
+The family registers this module itself in probegen.nets.FAMILIES under "siren".
+"""
+
+import math
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+
+from probegen.nets import register
+
+DWSNETS_ARCH = {"in_dim": 2, "hidden": [32, 32], "out_dim": 1, "w0": 30.0, "out_bias": 0.5}
+
+
+def _dims(arch):
+    return [arch["in_dim"], *arch["hidden"], arch["out_dim"]]
+
+
+def input_shape(arch):
+    return (arch["in_dim"],)
+
+
+def output_dim(arch):
+    return arch["out_dim"]
+
+
+def param_shapes(arch):
+    dims = _dims(arch)
+    shapes = []
+    for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
+        shapes += [(f"seq.{i}.weight", (fan_out, fan_in)), (f"seq.{i}.bias", (fan_out,))]
+    return shapes
+
+
+def unflatten(arch, weights):
+    """(B, D) -> [(W (B, out, in), b (B, out)) per layer], views into the rows; padding beyond is ignored."""
+    params, start = [], 0
+    for _, shape in param_shapes(arch):
+        size = math.prod(shape)
+        params.append(weights[:, start:start + size].reshape(weights.shape[0], *shape))
+        start += size
+    return list(zip(params[0::2], params[1::2]))
+
+
+def state_dict(arch, row):
+    """One packed row (D,) -> {name: tensor view} in state-dict order, e.g. to write a checkpoint."""
+    row = torch.as_tensor(row)
+    names = [name for name, _ in param_shapes(arch)]
+    tensors = [t[0] for layer in unflatten(arch, row.unsqueeze(0)) for t in layer]
+    return dict(zip(names, tensors))
+
+
+def forward(arch, weights, x):
+    """All B models at once: weights (B, D), x (K, in_dim) shared or (B, K, in_dim) per model -> (B, K, out)."""
+    layers = unflatten(arch, weights)
+    B = weights.shape[0]
+    h = x.to(weights.dtype)
+    if h.dim() == 2:
+        h = h.expand(B, *h.shape)  # (B, K, in) view, no copy
+    for i, (W, b) in enumerate(layers):
+        # baddbmm fuses the bias add into the batched matmul: (B, K, in) @ (B, in, out) + (B, 1, out)
+        h = torch.baddbmm(b.unsqueeze(1), h, W.transpose(1, 2))  # (B, K, out)
+        if i < len(layers) - 1:
+            h = torch.sin(arch["w0"] * h)
+    return h + arch["out_bias"]
+
+
+class SirenModule(nn.Module):
+    """One SIREN as a plain module; state_dict keys are exactly seq.{i}.weight / seq.{i}.bias."""
+
+    def __init__(self, arch):
+        super().__init__()
+        dims = _dims(arch)
+        self.seq = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.w0, self.out_bias = arch["w0"], arch["out_bias"]
+
+    def forward(self, x):
+        for i, layer in enumerate(self.seq):
+            x = layer(x)
+            if i < len(self.seq) - 1:
+                x = torch.sin(self.w0 * x)
+        return x + self.out_bias
+
+
+def reference_module(arch, row):
+    """Rebuild one model from a packed row (numpy or tensor, possibly zero-padded on the right)."""
+    module = SirenModule(arch)
+    n = sum(p.numel() for p in module.parameters())
+    row = torch.as_tensor(np.asarray(row[:n], dtype=np.float32))
+    nn.utils.vector_to_parameters(row, module.parameters())
+    return module
+
+
+def grid_coords(side=28):
+    """(side*side, 2) pixel coordinates in [-1, 1]^2, row-major, as DWSNets' make_coordinates builds them.
+
+    Entry k is (x, y) = (lin[k % side], lin[k // side]): x runs along a row (the column index), y down the
+    image, so an output reshaped to (side, side) is the image. np.linspace in float64 then cast, as theirs.
+    """
+    lin = np.linspace(-1.0, 1.0, side)
+    x, y = np.meshgrid(lin, lin)  # 'xy' indexing: x varies along axis 1
+    return torch.from_numpy(np.stack([x.ravel(), y.ravel()], axis=1)).float()
+
+
+register("siren")(sys.modules[__name__])

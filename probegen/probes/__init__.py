@@ -1,0 +1,1 @@
+"""Probes: deep linear generators, free and fixed probes, the Dead-Leaves renderer."""

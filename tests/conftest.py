@@ -1,0 +1,68 @@
+"""Shared test helpers: a temporary DVC project made from this checkout, with tiny params."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough that a whole `dvc repro` of both embedded zoos takes about a minute on 2 cores.
+TINY = {
+    "num_probes": 4,
+    "seeds": [0],
+    "zoo": {"digits_inr": {"build": {"num_models": 60, "steps": 60}},
+            "digits_cnn": {"build": {"num_runs": 24, "epochs": 2}}},
+    "dead_leaves": {"pool_size": 16},
+    "train": {"digits_inr": {"epochs": 2, "eval_every": 5}, "digits_cnn": {"epochs": 2, "eval_every": 5}},
+    "method": {m: {"hidden": 32, "layers": 3} for m in ("probegen", "vanilla", "synthetic", "mlp", "statnn")},
+}
+
+
+def deep_update(base, override):
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def tiny_params(**overrides):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return deep_update(deep_update(params, TINY), overrides)
+
+
+def run(cmd, cwd, check=True, env=None):
+    """Run a command with this interpreter's venv first on PATH; return the CompletedProcess."""
+    full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                "PYTHONPATH": str(cwd), "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t",
+                "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+                **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
+                          shell=isinstance(cmd, str))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def make_project(path, params):
+    """A git + DVC project holding this checkout's pipeline code and the given params."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "pyproject.toml"):
+        shutil.copy(ROOT / name, path / name)
+    for name in ("stages", "probegen"):
+        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (path / ".gitignore").write_text("__pycache__/\n")
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run("git init -q && dvc init -q && git add -A && git commit -qm init", path)
+    return path
+
+
+@pytest.fixture
+def project(tmp_path):
+    return lambda params=None: make_project(tmp_path / "project", params or tiny_params())

@@ -1,0 +1,112 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fake_zoo import make_zoo, register_tiny, split_of
+from probegen.errors import ProbegenError
+from probegen.methods import build_method
+from probegen.metrics import kendall_tau
+from probegen.train import _Split, evaluate, resolve_device, train
+
+ARCHS = [{"in": 2, "hidden": 6, "out": 1}]
+SMALL = {"hidden": 32, "layers": 3}
+FAST = dict(batch_size=16, lr=3e-3, optimizer="adam", weight_decay=0.0, grad_clip=None, device="cpu",
+            progress=False)
+
+
+@pytest.fixture(autouse=True)
+def tiny(monkeypatch):
+    register_tiny(monkeypatch)
+
+
+def _run(name, zoo, split, seed=0, **kw):
+    method = build_method(name, zoo, SMALL, num_probes=8, seed=seed)
+    return method, train(method, zoo, split, seed=seed, **{**FAST, **kw})
+
+
+def test_learns_a_separable_zoo():
+    zoo = make_zoo("tiny_mlp", ARCHS, 200, num_classes=3, signal=3.0)
+    _, res = _run("probegen", zoo, split_of(200), epochs=6, eval_every=10, lr=1e-2)
+    m = res.metrics
+    assert m["metric"] == "accuracy" and m["val"] > 0.7 and m["test"] > 0.6  # chance is 1/3
+    assert m["num_train"] == 120 and m["num_val"] == 40 and m["num_test"] == 40
+    assert m["steps"] == 6 * 8 and m["trainable_params"] > 0 and m["flops_per_model"] > 0
+    assert len(res.test_pred) == 40 and np.array_equal(res.test_target, zoo.labels[split_of(200)["test"]])
+
+
+def test_regression_with_weight_method_and_clipping():
+    zoo = make_zoo("tiny_mlp", ARCHS, 200, task="regression")
+    _, res = _run("statnn", zoo, split_of(200), epochs=6, eval_every=20, optimizer="adamw",
+                  weight_decay=5e-4, grad_clip=10.0)
+    assert res.metrics["metric"] == "kendall_tau" and res.metrics["test"] > 0.5
+    assert res.metrics["test"] == pytest.approx(kendall_tau(res.test_pred, res.test_target))
+
+
+def test_curve_schedule_and_best_step():
+    zoo = make_zoo("tiny_mlp", ARCHS, 100, num_classes=3)
+    _, res = _run("vanilla", zoo, split_of(100), epochs=3, eval_every=4)
+    curve = res.curve
+    assert list(curve.columns) == ["step", "train_loss", "val_metric", "lr"]
+    steps = res.metrics["steps"]  # 60 train models / 16 = 4 steps per epoch
+    assert curve["step"].tolist() == sorted(set(range(4, steps + 1, 4)) | {steps})
+    assert curve["lr"].is_monotonic_decreasing and curve["lr"].iloc[0] < FAST["lr"]  # cosine annealing
+    best = curve["val_metric"].idxmax()  # first maximum
+    assert res.metrics["best_step"] == curve["step"][best]
+    assert res.metrics["val"] == curve["val_metric"][best]
+
+
+def test_test_metric_is_taken_at_the_best_validation_step():
+    # Validation labels are negated: the better the model fits, the worse validation gets, so the best
+    # validation step comes early, and the test metric there differs from the one at the end.
+    zoo = make_zoo("tiny_mlp", ARCHS, 240, task="regression", seed=1)
+    split = split_of(240, seed=1)
+    zoo.labels[split["val"]] *= -1
+    method, res = _run("mlp", zoo, split, epochs=8, eval_every=3)
+    assert res.metrics["best_step"] < res.metrics["steps"]
+    # the returned state reproduces both numbers
+    method.load_state_dict(res.state_dict)
+    assert evaluate(method, _Split(zoo, split["val"], torch.device("cpu")), True, 16)["metric"] == res.metrics["val"]
+    assert evaluate(method, _Split(zoo, split["test"], torch.device("cpu")), True, 16)["metric"] == res.metrics["test"]
+    # ... and the final model (one evaluation, at the end) scores differently on test
+    _, last = _run("mlp", zoo, split, epochs=8, eval_every=10_000)
+    assert last.metrics["best_step"] == last.metrics["steps"]
+    assert last.metrics["test"] > res.metrics["test"]
+
+
+def test_deterministic_for_a_seed():
+    zoo = make_zoo("tiny_mlp", ARCHS, 80, num_classes=3)
+    split = split_of(80)
+    _, a = _run("probegen", zoo, split, epochs=2, eval_every=3, seed=7)
+    _, b = _run("probegen", zoo, split, epochs=2, eval_every=3, seed=7)
+    _, c = _run("probegen", zoo, split, epochs=2, eval_every=3, seed=8)
+    pd.testing.assert_frame_equal(a.curve, b.curve)
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert {k: v for k, v in a.metrics.items() if k != "train_seconds"} == \
+        {k: v for k, v in b.metrics.items() if k != "train_seconds"}
+    assert not a.curve["train_loss"].equals(c.curve["train_loss"])
+
+
+def test_reads_rows_from_the_memmap_when_a_split_is_too_big(monkeypatch):
+    import probegen.train as tr
+    zoo = make_zoo("tiny_mlp", ARCHS, 60, num_classes=3)
+    split = split_of(60)
+    _, in_ram = _run("mlp", zoo, split, epochs=2, eval_every=2)
+    monkeypatch.setattr(tr, "RAM_LIMIT_BYTES", 0)
+    assert _Split(zoo, split["train"], torch.device("cpu")).weights is None
+    _, streamed = _run("mlp", zoo, split, epochs=2, eval_every=2)
+    pd.testing.assert_frame_equal(in_ram.curve, streamed.curve)
+
+
+def test_bad_arguments():
+    zoo = make_zoo("tiny_mlp", ARCHS, 30)
+    split = split_of(30)
+    with pytest.raises(ProbegenError, match="optimizer"):
+        _run("mlp", zoo, split, epochs=1, eval_every=1, optimizer="sgd")
+    with pytest.raises(ProbegenError, match="'val' is empty"):
+        _run("mlp", zoo, {**split, "val": []}, epochs=1, eval_every=1)
+    with pytest.raises(ProbegenError, match="epochs"):
+        _run("mlp", zoo, split, epochs=0, eval_every=1)
+    with pytest.raises(ProbegenError, match="device"):
+        resolve_device("tpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
