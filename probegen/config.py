@@ -115,7 +115,7 @@ class ZooConfig:
     nonfinite: str = "error"
     url: str | None = None
     sha256: str | None = None
-    final_step: int = 86
+    final_step: int | None = 86
     build: dict = field(default_factory=dict)
 
 
@@ -123,30 +123,38 @@ def zoo_config(params, name):
     key = f"zoo.{name}"
     if name not in (params.get("zoo") or {}):
         raise ProbegenError(f"{PARAMS}: {key}: unknown zoo {name!r}; known: {sorted(params.get('zoo') or {})}")
-    cfg = _get(params, key)
-    source = _choice(cfg.get("source"), f"{key}.source", SOURCES)
-    fmt = _choice(cfg.get("format"), f"{key}.format", FORMATS)
-    nonfinite = _choice(cfg.get("nonfinite", "error"), f"{key}.nonfinite", ("error", "drop"))
-    final_step = cfg.get("final_step", 86)
-    if fmt == "small_cnn_zoo":
-        final_step = _positive_int(final_step, f"{key}.final_step")
+    fetch, pack = dict(_get(params, f"{key}.fetch")), dict(_get(params, f"{key}.pack"))
+    source = _choice(fetch.pop("source", None), f"{key}.fetch.source", SOURCES)
+    fmt = _choice(pack.get("format"), f"{key}.pack.format", FORMATS)
+    nonfinite = _choice(pack.get("nonfinite", "error"), f"{key}.pack.nonfinite", ("error", "drop"))
+    final_step = pack.get("final_step", 86)  # null = each run's last checkpoint (the embedded zoo)
+    if fmt == "small_cnn_zoo" and final_step is not None:
+        final_step = _positive_int(final_step, f"{key}.pack.final_step")
     if source == "embedded":
-        if EMBEDDED_ZOOS.get(name) != fmt:
-            raise ProbegenError(f"{PARAMS}: {key}: embedded zoos are {EMBEDDED_ZOOS}, got {name!r} with {fmt!r}")
-        build = cfg.get("build") or {}
-        for k, v in build.items():
-            if k == "lr":
-                _positive_float(v, f"{key}.build.lr")
-            elif k != "seed":
-                _positive_int(v, f"{key}.build.{k}")
-        return ZooConfig(name, source, fmt, nonfinite, final_step=final_step, build=dict(build))
-    url = cfg.get("url") if source == "url" else cfg.get("path")
+        return ZooConfig(name, source, fmt, nonfinite, final_step=final_step, build=_build_args(name, fmt, fetch))
+    where = "url" if source == "url" else "path"
+    url = fetch.get(where)
     if not isinstance(url, str) or not url:
-        raise ProbegenError(f"{PARAMS}: {key}.{'url' if source == 'url' else 'path'}: expected a URL or path")
-    sha = cfg.get("sha256")
+        raise ProbegenError(f"{PARAMS}: {key}.fetch.{where}: expected a URL or path, got {url!r}")
+    sha = fetch.get("sha256")
     if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
-        raise ProbegenError(f"{PARAMS}: {key}.sha256: expected 64 hex digits or null, got {sha!r}")
+        raise ProbegenError(f"{PARAMS}: {key}.fetch.sha256: expected 64 hex digits or null, got {sha!r}")
     return ZooConfig(name, source, fmt, nonfinite, url=url, sha256=sha, final_step=final_step)
+
+
+def _build_args(name, fmt, fetch):
+    """The embedded builder's keyword arguments: positive integers, a positive lr, any integer seed."""
+    if EMBEDDED_ZOOS.get(name) != fmt:
+        raise ProbegenError(f"{PARAMS}: zoo.{name}: embedded zoos are {EMBEDDED_ZOOS}, got {name!r} with {fmt!r}")
+    for k, v in fetch.items():
+        if k == "lr":
+            _positive_float(v, f"zoo.{name}.fetch.lr")
+        elif k == "seed":
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ProbegenError(f"{PARAMS}: zoo.{name}.fetch.seed: expected an integer, got {v!r}")
+        else:
+            _positive_int(v, f"zoo.{name}.fetch.{k}")
+    return fetch
 
 
 @dataclass(frozen=True)

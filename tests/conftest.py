@@ -15,11 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "num_probes": 4,
     "seeds": [0],
-    "zoo": {"digits_inr": {"build": {"num_models": 60, "steps": 60}},
-            "digits_cnn": {"build": {"num_runs": 24, "epochs": 2}}},
+    "zoo": {"digits_inr": {"fetch": {"num_models": 60, "steps": 60}},
+            "digits_cnn": {"fetch": {"num_runs": 24, "epochs": 2}}},
     "dead_leaves": {"pool_size": 16},
     "train": {"digits_inr": {"epochs": 2, "eval_every": 5}, "digits_cnn": {"epochs": 2, "eval_every": 5}},
     "method": {m: {"hidden": 32, "layers": 3} for m in ("probegen", "vanilla", "synthetic", "mlp", "statnn")},
+    "induction": {"seeds": [0], "steps": 30, "n_pairs": 16, "n_fit_pairs": 16, "greedy_rounds": 1, "n_boot": 20},
+    "localize": {"n_pairs": 16, "n_boot": 20, "top_probes": 2},
 }
 
 

@@ -47,8 +47,8 @@ def test_unknown_method_and_wrong_kind(params):
 
 
 def test_bad_zoo_format_split_and_optimizer(params):
-    params["zoo"]["mnist_inr"]["format"] = "onnx"
-    with pytest.raises(ProbegenError, match=r"zoo.mnist_inr.format: expected one of"):
+    params["zoo"]["mnist_inr"]["pack"]["format"] = "onnx"
+    with pytest.raises(ProbegenError, match=r"zoo.mnist_inr.pack.format: expected one of"):
         config.zoo_config(params, "mnist_inr")
     params["split"]["digits_inr"].update(val=0.5, test=0.5)
     with pytest.raises(ProbegenError, match=r"val \+ test must be < 1"):

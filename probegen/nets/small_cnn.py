@@ -149,7 +149,7 @@ def reference_module(arch, row):
     """Rebuild one model from a packed row (numpy or tensor, possibly zero-padded on the right)."""
     module = SmallCNN(arch)
     n = sum(p.numel() for p in module.parameters())
-    row = torch.as_tensor(np.asarray(row[:n], dtype=np.float32))
+    row = torch.tensor(np.asarray(row[:n], dtype=np.float32))  # a copy: rows may be read-only memmaps
     nn.utils.vector_to_parameters(row, module.parameters())
     return module
 

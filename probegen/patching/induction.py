@@ -9,8 +9,10 @@ Greedy refinement picks paths on a separate set of "fit" pairs, so the reported 
 
 import dataclasses
 import math
-from collections import deque
+import multiprocessing
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +46,7 @@ class InductionConfig:
     metric: str = "loss"  # what greedy refinement maximises: "loss" or "kl"
     n_boot: int = 1000
     threads: int = 1  # torch threads (0 = torch's default); tiny ops: 2 threads were 10x slower on a busy box
+    workers: int = 2  # seeds analysed in parallel processes (one per core); results do not depend on it
 
     @classmethod
     def from_params(cls, params):
@@ -269,14 +272,27 @@ def summarize_seeds(per_seed, draws):
     return out
 
 
-def run_induction(cfg, metrics_path, plot_path, log=print):
-    """The whole analysis: every seed, the seed mean, metrics JSON and the plot, written atomically."""
+def _analyse_seed_in_worker(cfg, seed, log=print):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    return analyse_seed(cfg, seed, log)
+
+
+def _analyse_seeds(cfg, log):
+    """analyse_seed for every seed, in `workers` spawned processes when there are several seeds."""
+    workers = min(cfg.workers, len(cfg.seeds))
+    if workers <= 1:
+        return [_analyse_seed_in_worker(cfg, seed, log) for seed in cfg.seeds]
+    # spawn, not fork: forking a process whose OpenMP pool is running can deadlock.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_analyse_seed_in_worker, [cfg] * len(cfg.seeds), cfg.seeds))
+
+
+def run_induction(cfg, metrics_path, plot_path, log=print):
+    """The whole analysis: every seed, the seed mean, metrics JSON and the plot, written atomically."""
     t0 = time.time()
     per_seed, draws, examples = {}, [], []
-    for seed in cfg.seeds:
-        result, dr, example = analyse_seed(cfg, seed, log)
+    for seed, (result, dr, example) in zip(cfg.seeds, _analyse_seeds(cfg, log)):
         per_seed[str(seed)] = result
         draws.append(dr)
         examples.append(example)

@@ -18,14 +18,18 @@ checkpoint's test_accuracy is its accuracy there. All runs train at once: parame
 the forward is small_cnn's grouped convolution, and SGD / Adam / RMSProp, L2, dropout and the training
 hyper-parameters are per-run tensors; runs are batched by (activation, train_fraction).
 
-Checkpoints are taken at epochs 0 (init), epochs // 2 and epochs (rows run by run, as in the real zoo),
-so `step` (the epoch, as in the real zoo) of the final checkpoints is `epochs`: pack with
-final_step = epochs. The zoo is written by
+Checkpoints are taken at epochs 0 (init), epochs // 2 and epochs (rows run by run, as in the real zoo);
+`step` is the epoch, as in the real zoo, so the final checkpoints have step == epochs: pack with
+final_step = epochs (or final_step = None, each run's last checkpoint). The zoo is written by
 small_cnn_zoo.write_zoo in the published format, so it goes through the real zoo's reader.
 """
 
+import contextlib
 import functools
+import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -165,7 +169,8 @@ class Runs:
         self.arch, self.hp, self.subset = arch, hp, subset.to(device)
         self.params = [p.to(device).requires_grad_() for p in init_params(arch, hp, gen)]
         self.is_kernel = [name.endswith("weight") for name, _ in small_cnn.param_shapes(arch)]
-        col = lambda c: torch.tensor(hp[c].to_numpy(), dtype=torch.float32, device=device)  # noqa: E731
+        def col(name):  # (B,) per-run hyper-parameter
+            return torch.tensor(hp[name].to_numpy(), dtype=torch.float32, device=device)
         opt = torch.tensor([OPTIMIZERS.index(o) for o in hp["config.optimizer"]], device=device)
         self.lr, self.l2, self.keep = col("config.learning_rate"), col("config.l2reg"), 1 - col("config.dropout")
         # One update rule for all three optimizers, p -= lr_t * num / den, with per-run coefficients:
@@ -243,43 +248,40 @@ def _snapshot(group, x_test, y_test, x_tr, y_tr):
 # -----------------------------------------------------------------------------
 # the build
 
-def build(out_dir, *, num_runs=600, epochs=8, seed=0, device="cpu", batch_size=8, progress=True):
+def build(out_dir, *, num_runs=600, epochs=8, seed=0, device="cpu", batch_size=8, workers=None, progress=True):
     """Train num_runs runs and write them (3 checkpoints each) as a Small CNN Zoo under out_dir.
 
     batch_size 8 of 1,258 training digits is about the zoo's 512 of 50,000 images (~1% per step).
-    Returns the summary also written to out_dir/build_summary.json: num_runs, seconds, final_step (=
-    epochs: pack with this final_step), checkpoint steps and quantiles of the final test accuracies.
+    workers: groups trained concurrently (default: the usable CPU cores). Returns the summary also
+    written to out_dir/build_summary.json: num_runs, seconds, final_step (= epochs: pack with this
+    final_step), checkpoint steps and quantiles of the final test accuracies.
     """
     start_time = time.time()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)  # initialization and shuffles: on the CPU, device-independent
-    dropout_gen = torch.Generator(device).manual_seed(seed)
-    hp = sample_hparams(num_runs, rng)
-    x_tr, y_tr = (t.to(device) for t in train_digits())
-    x_test, y_test = (t.to(device) for t in heldout_digits())
-    groups = _groups(hp, len(y_tr), gen, device)
+    hp = sample_hparams(num_runs, np.random.default_rng(seed))
+    data = [t.to(device) for t in (*train_digits(), *heldout_digits())]
+    groups = _groups(hp, len(data[1]), seed, device)
     snap_epochs = sorted({0, epochs // 2, epochs})
-    snaps = {}  # epoch -> [(runs, rows, metrics) per group]
-    steps = sum(len(g.subset) // batch_size for _, g in groups)
-    bar = tqdm(total=epochs * steps, desc="digits_cnn", disable=not progress)
-    for epoch in range(epochs + 1):
-        if epoch in snap_epochs:
-            snaps[epoch] = [(runs, *_snapshot(g, x_test, y_test, x_tr, y_tr)) for runs, g in groups]
-        if epoch == epochs:
-            break
-        for _, g in groups:
-            # Keras: reshuffle every epoch, fixed-size batches, the remainder dropped.
-            order = g.subset[torch.randperm(len(g.subset), generator=gen).to(device)]
-            for s in range(0, len(order) - batch_size + 1, batch_size):
-                idx = order[s:s + batch_size]
-                g.step(x_tr[idx], y_tr[idx], dropout_gen)
-                bar.update(1)
+    bar = tqdm(total=epochs * sum(len(g.subset) // batch_size for _, g, _ in groups), desc="digits_cnn",
+               disable=not progress)
+    lock = threading.Lock()
+
+    def train(i):
+        _, group, gens = groups[i]
+        return _train(group, gens, data, epochs, snap_epochs, batch_size, lambda: _tick(bar, lock))
+
+    # Every group is trained by one thread with single-threaded ops, the groups side by side on the
+    # cores. Intra-op threads over these small tensors mostly synchronize (4x slower on 2 busy cores),
+    # and this way the results depend only on the seed, not on the machine's thread count.
+    order = sorted(range(len(groups)), key=lambda i: -len(groups[i][1].hp) * len(groups[i][1].subset))
+    with _intra_op_threads(1), ThreadPoolExecutor(max_workers=workers or _usable_cores()) as pool:
+        trained = dict(zip(order, pool.map(train, order)))  # biggest groups first: balanced workers
     bar.close()
+    snaps = {e: [(groups[i][0], *trained[i][e]) for i in range(len(groups))] for e in snap_epochs}
     weights, metrics = _assemble(hp, snaps, snap_epochs, epochs, seed)
     final = metrics.loc[metrics["step"] == epochs, "test_accuracy"].to_numpy()
     summary = {"num_runs": num_runs, "epochs": epochs, "final_step": epochs, "checkpoint_steps": snap_epochs,
-               "seconds": round(time.time() - start_time, 1), "heldout_images": len(y_test),
+               "seconds": round(time.time() - start_time, 1), "heldout_images": len(data[3]),
                "final_test_accuracy": {q: float(np.quantile(final, float(q)))
                                        for q in ("0", "0.1", "0.25", "0.5", "0.75", "0.9", "1")},
                "nonfinite_runs": int((~np.isfinite(weights[metrics["step"].to_numpy() == epochs])).any(1).sum())}
@@ -288,24 +290,65 @@ def build(out_dir, *, num_runs=600, epochs=8, seed=0, device="cpu", batch_size=8
     return summary
 
 
-def _groups(hp, n_train, gen, device):
-    """Runs batched by (activation, train_fraction).
+def _train(group, gens, data, epochs, snap_epochs, batch_size, tick):
+    """Train one group for `epochs` epochs; {epoch: (rows, metrics)} at the snapshot epochs."""
+    x_tr, y_tr, x_test, y_test = data
+    shuffle_gen, dropout_gen = gens
+    snaps = {}
+    for epoch in range(epochs + 1):
+        if epoch in snap_epochs:
+            snaps[epoch] = _snapshot(group, x_test, y_test, x_tr, y_tr)
+        if epoch == epochs:
+            return snaps
+        # Keras: reshuffle every epoch, fixed-size batches, the remainder dropped.
+        order = group.subset[torch.randperm(len(group.subset), generator=shuffle_gen).to(x_tr.device)]
+        for s in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[s:s + batch_size]
+            group.step(x_tr[idx], y_tr[idx], dropout_gen)
+            tick()
+
+
+def _usable_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _tick(bar, lock):
+    with lock:
+        bar.update(1)
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _groups(hp, n_train, seed, device):
+    """Runs batched by (activation, train_fraction): [(run indices, Runs, (shuffle gen, dropout gen))].
 
     A train_fraction f run trains on the first f of one fixed shuffle of the training digits: the zoo's
     runs all used random_seed 42 for that shuffle, so runs with equal fractions shared their subset.
     Training only on the subset (f of the batches per epoch, as Keras' take()) makes the cost
-    proportional to f instead of computing masked-out examples.
+    proportional to f instead of computing masked-out examples. Each group has its own random streams,
+    so groups can train in any order or concurrently.
     """
-    shuffled = torch.randperm(n_train, generator=gen)
+    shuffled = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+    keys = [(act, frac) for act in ACTIVATIONS for frac in TRAIN_FRACTIONS]
+    streams = np.random.SeedSequence(seed).spawn(len(keys))
     groups = []
-    for act in ACTIVATIONS:
-        for frac in TRAIN_FRACTIONS:
-            runs = np.flatnonzero((hp["config.activation"].to_numpy() == act)
-                                  & (hp["config.train_fraction"].to_numpy() == frac))
-            if len(runs):
-                subset = shuffled[:int(frac * n_train)]
-                group = Runs(small_cnn.zoo_arch(act), hp.iloc[runs].reset_index(drop=True), subset, gen, device)
-                groups.append((runs, group))
+    for (act, frac), stream in zip(keys, streams):
+        runs = np.flatnonzero((hp["config.activation"].to_numpy() == act)
+                              & (hp["config.train_fraction"].to_numpy() == frac))
+        if len(runs):
+            init_seed, shuffle_seed, dropout_seed = (int(v) for v in stream.generate_state(3))
+            group = Runs(small_cnn.zoo_arch(act), hp.iloc[runs].reset_index(drop=True),
+                         shuffled[:int(frac * n_train)], torch.Generator().manual_seed(init_seed), device)
+            gens = (torch.Generator().manual_seed(shuffle_seed), torch.Generator(device).manual_seed(dropout_seed))
+            groups.append((runs, group, gens))
     return groups
 
 

@@ -187,7 +187,9 @@ def write_zoo(raw_dir, weights_tf, metrics_df, extras=None):
 def pack(raw_dir, out_dir, *, final_step=86, nonfinite="drop", progress=True, rows=None):
     """Pack the final checkpoints (step == final_step) of a Small CNN Zoo folder into a packed zoo.
 
-    rows: optional weights.npy row indices to consider (e.g. those an official split file names).
+    final_step: 86 for the published zoos; None takes every run's last checkpoint (its modeldir's
+    largest step), whatever the training length. rows: optional weights.npy row indices to consider
+    (e.g. those an official split file names).
     Returns the spec, plus `peak_rss_mb` of this process (kept out of spec.json: it is not a property
     of the data).
     """
@@ -204,7 +206,7 @@ def pack(raw_dir, out_dir, *, final_step=86, nonfinite="drop", progress=True, ro
     keep = _select(metrics, final_step, rows, raw_dir / "metrics.csv.gz")
     archs = _archs(metrics["config.activation"].to_numpy()[keep], keep, raw_dir / "metrics.csv.gz")
     meta_cols = [c for c in metrics.columns if c.startswith("config.")] + ["modeldir", "step", "train_accuracy"]
-    spec = {**SPEC, "final_step": int(final_step)}
+    spec = {**SPEC, "final_step": None if final_step is None else int(final_step)}
     with PackedWriter(out_dir, capacity=len(keep), dim=len(perm), spec=spec, nonfinite=nonfinite) as writer:
         for start in tqdm(range(0, len(keep), CHUNK_ROWS), desc="pack", disable=not progress):
             idx = keep[start:start + CHUNK_ROWS]
@@ -258,17 +260,19 @@ def _read_metrics(path, n_rows):
 
 
 def _select(metrics, final_step, rows, source):
-    """Rows of weights.npy to pack, ascending: step == final_step, within `rows` when given."""
+    """Rows of weights.npy to pack, ascending: step == final_step (None: each run's last checkpoint,
+    the largest step of its modeldir), within `rows` when given."""
     candidates = np.arange(len(metrics))
     if rows is not None:
         candidates = np.unique(np.asarray(rows, dtype=np.int64))
         bad = candidates[(candidates < 0) | (candidates >= len(metrics))]
         if len(bad):
             raise ProbegenError(f"{source}: row {bad[0]} requested but the zoo has {len(metrics)} rows")
-    steps = pd.to_numeric(metrics["step"], errors="coerce").to_numpy()
-    keep = candidates[steps[candidates] == final_step]
+    steps = pd.to_numeric(metrics["step"], errors="coerce")
+    final = steps.groupby(metrics["modeldir"]).transform("max") if final_step is None else final_step
+    keep = candidates[(steps == final).to_numpy()[candidates]]
     if len(keep) == 0:
-        found = np.unique(steps[~np.isnan(steps)])[:10].tolist()
+        found = np.unique(steps.dropna())[:10].tolist()
         raise ProbegenError(f"{source}: no checkpoint with step == {final_step} (steps found: {found})")
     return keep
 

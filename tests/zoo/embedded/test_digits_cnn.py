@@ -22,8 +22,8 @@ PUBLISHED_COLUMNS = [
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    # These builds batch only a few runs: a second intra-op thread adds synchronization to every tiny op
-    # and stalls whenever the machine is busy.
+    # The forwards and steps here are small: a second intra-op thread adds synchronization to every
+    # tiny op and stalls whenever the machine is busy (build() does the same for its groups).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -36,6 +36,13 @@ def tiny(tmp_path_factory):
     summary = digits_cnn.build(root / "raw", num_runs=16, epochs=2, seed=0, batch_size=32, progress=False)
     small_cnn_zoo.pack(root / "raw", root / "packed", final_step=summary["final_step"], progress=False)
     return root, summary
+
+
+def test_last_checkpoints_are_the_final_step(tiny):
+    root, _ = tiny
+    small_cnn_zoo.pack(root / "raw", root / "last", final_step=None, progress=False)
+    last, packed = load_packed(root / "last"), load_packed(root / "packed")
+    assert last.meta["row"].tolist() == packed.meta["row"].tolist() == [3 * i + 2 for i in range(16)]
 
 
 def test_heldout_digits_are_fixed_and_never_trained_on():
@@ -84,8 +91,10 @@ def test_packed_weights_recompute_every_recorded_accuracy(tiny):
 
 
 def test_build_is_deterministic_for_a_seed(tmp_path):
-    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
-        digits_cnn.build(tmp_path / name, num_runs=6, epochs=1, seed=seed, batch_size=32, progress=False)
+    # Same seed: same bytes, whether the groups train one after the other or side by side.
+    for name, seed, workers in (("a", 5, 1), ("b", 5, 3), ("c", 6, 1)):
+        digits_cnn.build(tmp_path / name, num_runs=6, epochs=1, seed=seed, batch_size=32, workers=workers,
+                         progress=False)
     for name in ("weights.npy", "metrics.csv.gz", "layout.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert (tmp_path / "a" / "weights.npy").read_bytes() != (tmp_path / "c" / "weights.npy").read_bytes()

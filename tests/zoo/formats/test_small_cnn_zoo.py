@@ -115,6 +115,16 @@ def test_final_step_and_explicit_rows(zoo):
         fmt.pack(tmp_path / "raw", tmp_path / "other", rows=[2, 99], progress=False)
 
 
+def test_final_step_none_takes_each_runs_last_checkpoint(tmp_path):
+    weights_tf, metrics = make_zoo(tmp_path / "raw")
+    keep = metrics.index != 14  # run 4 lost its last checkpoint: its step 43 is its last
+    fmt.write_zoo(tmp_path / "raw", weights_tf[keep], metrics[keep].reset_index(drop=True))
+    spec = fmt.pack(tmp_path / "raw", tmp_path / "packed", final_step=None, progress=False)
+    packed = load_packed(tmp_path / "packed")
+    assert packed.meta["row"].tolist() == [2, 5, 8, 11, 13] and spec["final_step"] is None
+    assert packed.meta["step"].tolist() == [86, 86, 86, 86, 43]
+
+
 def test_conversion_is_driven_by_the_layout_table(zoo):
     tmp_path, weights_tf, _ = zoo
     layout_path = tmp_path / "raw" / "layout.csv"
