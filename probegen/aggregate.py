@@ -66,6 +66,32 @@ def markdown_table(summary):
     return "\n".join(lines) + "\n"
 
 
+def localize_summary(zoos, root="."):
+    """The headline numbers of each zoo's localize@ stage (path patching on the ProbeGen predictor)."""
+    out = {}
+    for zoo in zoos:
+        path = Path(root) / f"metrics/localize/{zoo}.json"
+        if not path.exists():
+            continue
+        loc = read_json(path)
+        layers = loc["layers"]
+        out[zoo] = {"num_probes": loc["num_probes"], "target": loc["target"],
+                    "smallest_probe_set": loc["probes"]["smallest_size"],
+                    "only_layer_from_reference": {r["layer"]: r["explained"] for r in layers["aligned"]["only"]},
+                    "permutation_sanity_max_aue": max(layers["sanity"]["aue_aligned"].values())}
+    return out
+
+
+def localize_table(localized):
+    lines = ["| zoo | smallest probe set explaining the target | only layer l from the reference (aligned) "
+             "| sanity: max AUE, permuted reference |", "|---|---|---|---|"]
+    for zoo, r in localized.items():
+        layers = ", ".join(f"{name} {v:.2f}" for name, v in r["only_layer_from_reference"].items())
+        lines.append(f"| {zoo} | {r['smallest_probe_set']} of {r['num_probes']} probes ({r['target']:.0%}) "
+                     f"| {layers} | {r['permutation_sanity_max_aue']:.2g} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_methods(summary, path):
     fig, axes = plt.subplots(1, len(summary), figsize=(5 * len(summary), 3.6), squeeze=False)
     for ax, (zoo, by_method) in zip(axes[0], summary.items()):
@@ -173,7 +199,12 @@ def aggregate(zoos, methods, seeds, root="."):
             if summary[zoo]["probegen"]["metric"] == "kendall_tau":
                 plot_predicted_vs_true(zoo, "probegen", seeds[0], out / f"predicted_vs_true_{zoo}.png", root)
     # The tables last: if a plot fails, nothing of this stage's outputs has changed.
-    write_json(root / "metrics/summary.json", summary)
+    localized = localize_summary(zoos, root)
+    write_json(root / "metrics/summary.json", {**summary, "localize": localized} if localized else summary)
+    table = markdown_table(summary)
+    if localized:
+        table += "\nPath patching on the ProbeGen predictors (metrics/localize/, plots/localize/):\n\n"
+        table += localize_table(localized)
     with atomic_path(root / "metrics/summary.md") as tmp:
-        tmp.write_text(markdown_table(summary))
+        tmp.write_text(table)
     return summary

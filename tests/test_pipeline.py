@@ -44,19 +44,25 @@ def all_stages(repo):
 def test_repro_writes_every_output_and_is_then_clean(reproduced):
     assert stage_names(reproduced) == set()
     summary = json.loads((reproduced / "metrics/summary.json").read_text())
-    assert set(summary) == {"digits_inr", "digits_cnn"}
+    assert set(summary) == {"digits_inr", "digits_cnn", "localize"}
+    assert set(summary["localize"]) == {"digits_inr", "digits_cnn"}
+    assert summary["localize"]["digits_inr"]["permutation_sanity_max_aue"] < 1e-6
     assert set(summary["digits_inr"]) == {"probegen", "vanilla", "synthetic", "mlp", "statnn"}
     assert summary["digits_cnn"]["probegen"]["metric"] == "kendall_tau"
     assert summary["digits_inr"]["probegen"]["metric"] == "accuracy"
     for png in ("methods.png", "probes_digits_inr.png", "probes_digits_cnn.png", "predicted_vs_true_digits_cnn.png"):
         assert (reproduced / "plots/summary" / png).stat().st_size > 1000
     assert "| digits_inr | probegen |" in (reproduced / "metrics/summary.md").read_text()
+    assert (reproduced / "metrics/induction.json").exists() and (reproduced / "plots/induction.png").exists()
+    for zoo in ("digits_inr", "digits_cnn"):
+        assert (reproduced / f"plots/localize/{zoo}/probes_explained.png").exists()
 
 
 def test_num_probes_invalidates_exactly_the_probe_stages_and_aggregate(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["num_probes"] = 6
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # localize@ reads num_probes only through the trained models, so it reruns after them, not before.
     expected = {s for s in all_stages(repo) if s.startswith("probe@")} | {"aggregate"}
     assert len(expected) == 2 * 3 + 1
     assert stage_names(repo) == expected

@@ -59,7 +59,8 @@ class ProbingMethod(Method):
         self.head = Classifier(self.num_probes * self.response_dim, self.out_dim, cfg["hidden"], cfg["layers"])
 
     def probes(self):
-        raise NotImplementedError
+        """(K, *input_shape): the probes every zoo model is run on; each probing method defines them."""
+        raise TypeError(f"{type(self).__name__} must define probes()")
 
     def responses(self, weights, arch_ids):
         """(B, D), (B,) -> (B, K, out): every model of the batch on every probe."""

@@ -38,14 +38,15 @@ def num_params(family, arch):
     return sum(math.prod(shape) for _, shape in get_family(family).param_shapes(arch))
 
 
-def unflatten(family, arch, weights):
-    """(B, D) -> {name: (B, *shape)} views into the packed rows (zero padding beyond num_params ignored)."""
-    out, start = {}, 0
-    for name, shape in get_family(family).param_shapes(arch):
+def layer_params(param_shapes, weights):
+    """(B, D) -> [(W (B, *w_shape), b (B, *b_shape))] per layer: views into the packed rows, in
+    param_shapes order (weight then bias per layer); zero padding beyond num_params is ignored."""
+    params, start = [], 0
+    for _, shape in param_shapes:
         size = math.prod(shape)
-        out[name] = weights[:, start:start + size].reshape(weights.shape[0], *shape)
+        params.append(weights[:, start:start + size].reshape(weights.shape[0], *shape))
         start += size
-    return out
+    return list(zip(params[0::2], params[1::2]))
 
 
 def forward_zoo(family, archs, arch_ids, weights, x):
@@ -69,8 +70,4 @@ def forward_zoo(family, archs, arch_ids, weights, x):
 
 def _load_all():
     # Importing a family module registers it.
-    from probegen.nets import siren, small_cnn  # noqa: F401
-    try:
-        from probegen.nets import wild_park  # noqa: F401
-    except ImportError:
-        pass
+    from probegen.nets import siren, small_cnn, wild_park  # noqa: F401

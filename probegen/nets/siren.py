@@ -9,14 +9,13 @@ seq.1.weight (32, 32), seq.1.bias (32), seq.2.weight (1, 32), seq.2.bias (1) = 1
 The family registers this module itself in probegen.nets.FAMILIES under "siren".
 """
 
-import math
 import sys
 
 import numpy as np
 import torch
 from torch import nn
 
-from probegen.nets import register
+from probegen.nets import layer_params, register
 
 DWSNETS_ARCH = {"in_dim": 2, "hidden": [32, 32], "out_dim": 1, "w0": 30.0, "out_bias": 0.5}
 
@@ -43,12 +42,7 @@ def param_shapes(arch):
 
 def unflatten(arch, weights):
     """(B, D) -> [(W (B, out, in), b (B, out)) per layer], views into the rows; padding beyond is ignored."""
-    params, start = [], 0
-    for _, shape in param_shapes(arch):
-        size = math.prod(shape)
-        params.append(weights[:, start:start + size].reshape(weights.shape[0], *shape))
-        start += size
-    return list(zip(params[0::2], params[1::2]))
+    return layer_params(param_shapes(arch), weights)
 
 
 def state_dict(arch, row):

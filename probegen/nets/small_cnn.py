@@ -13,7 +13,6 @@ convs.0.weight (16, 1, 3, 3), convs.0.bias (16), convs.1.*, convs.2.*, fc.weight
 The family registers this module itself in probegen.nets.FAMILIES under "small_cnn".
 """
 
-import math
 import sys
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probegen.errors import ProbegenError
-from probegen.nets import register
+from probegen.nets import layer_params, register
 
 IMAGE_SIZE = 32
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
@@ -71,12 +70,7 @@ def feature_sizes(arch, size=IMAGE_SIZE):
 
 def unflatten(arch, weights):
     """(B, D) -> [(W, b) per conv] + [(W_fc, b_fc)], each with a leading B; views into the rows."""
-    params, start = [], 0
-    for _, shape in param_shapes(arch):
-        size = math.prod(shape)
-        params.append(weights[:, start:start + size].reshape(weights.shape[0], *shape))
-        start += size
-    return list(zip(params[0::2], params[1::2]))
+    return layer_params(param_shapes(arch), weights)
 
 
 def apply(arch, layers, x, keep=None, generator=None):

@@ -18,7 +18,6 @@ Parameters are packed in the order of the checkpoint's state dict: layers.{i}.we
 layers.{i}.bias (c_i), ..., fc.weight (num_classes, c_L), fc.bias (num_classes).
 """
 
-import math
 import sys
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probegen.errors import ProbegenError
-from probegen.nets import register
+from probegen.nets import layer_params, register
 
 # torchvision's Normalize constants of the zoo's training data (generate_cnn_park_config/data/cifar10.yaml)
 CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)
@@ -125,12 +124,7 @@ def param_shapes(arch):
 
 def unflatten(arch, weights):
     """(B, D) -> [(W, b)] per conv layer then fc, as views into the rows; padding beyond is ignored."""
-    params, start = [], 0
-    for _, shape in param_shapes(arch):
-        size = math.prod(shape)
-        params.append(weights[:, start:start + size].reshape(weights.shape[0], *shape))
-        start += size
-    return list(zip(params[0::2], params[1::2]))
+    return layer_params(param_shapes(arch), weights)
 
 
 def forward(arch, weights, x):

@@ -1,0 +1,112 @@
+"""Full-scale projection: synthetic zoos of the real sizes and shapes, probing-training throughput, and the
+projected time of one full paper run per zoo (`python -m probegen.bench --scale full`).
+
+Weights are random (throughput does not depend on their values); sizes follow REFERENCE §2 and the
+schedules follow the paper: 55,000 training INRs x 30 epochs; the Small CNN Zoo's ~12,000 training CNNs
+x 150 epochs; Wild Park's ~80% of 117,241 checkpoints x 30 epochs. K = 128, batch 32.
+"""
+
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from probegen.methods import build_method
+from probegen.nets import get_family
+from probegen.nets.siren import DWSNETS_ARCH
+from probegen.nets.small_cnn import zoo_arch
+from probegen.zoo.packed import PackedZoo
+
+# zoo -> (family, models in the synthetic zoo, training models in a paper run, epochs, task)
+FULL = {
+    "mnist_inr": ("siren", 70_000, 55_000, 30, "classification"),
+    "cifar10_gs": ("small_cnn", 30_000, 12_000, 150, "regression"),
+    "wild_park": ("wild_park", 2_000, 93_793, 30, "regression"),
+}
+
+
+def wild_park_archs(num, seed=0):
+    """Architectures drawn like the CNN Wild Park sampler: 2-5 convs, channels {4,8,16,32}, kernels
+    {3,5,7} with padding k//2, stride 1, residual connections, six activations."""
+    rng = np.random.default_rng(seed)
+    archs = []
+    for _ in range(num):
+        n = int(rng.integers(2, 6))
+        kernels = [int(k) for k in rng.choice([3, 5, 7], n)]
+        residual = [int(rng.integers(-1, i - 1)) if i >= 2 and rng.random() < 0.5 else -1 for i in range(n)]
+        archs.append({"in_channels": 3, "channels": [int(c) for c in rng.choice([4, 8, 16, 32], n)],
+                      "kernel_size": kernels, "stride": [1] * n, "padding": [k // 2 for k in kernels],
+                      "residual": residual, "activation": [str(rng.choice(["relu", "gelu", "tanh", "sigmoid",
+                                                                           "leaky_relu", "none"]))] * n,
+                      "num_classes": 10})
+    return archs
+
+
+def synthetic_zoo(family, archs, arch_ids, task, seed=0):
+    """A PackedZoo in memory with random weights (zero-padded to the largest architecture)."""
+    fam = get_family(family)
+    sizes = [sum(math.prod(s) for _, s in fam.param_shapes(a)) for a in archs]
+    gen = np.random.default_rng(seed)
+    weights = np.zeros((len(arch_ids), max(sizes)), dtype=np.float32)
+    for a, size in enumerate(sizes):  # one fill per architecture, not per model
+        rows = np.flatnonzero(arch_ids == a)
+        weights[rows, :size] = gen.standard_normal((len(rows), size), dtype=np.float32) * 0.1
+    labels = gen.integers(0, 10, len(arch_ids)) if task == "classification" else gen.random(len(arch_ids))
+    meta = pd.DataFrame({"id": np.arange(len(arch_ids)).astype(str), "arch": arch_ids})
+    spec = {"family": family, "task": task, "num_classes": 10, "archs": archs}
+    return PackedZoo(None, weights, labels, meta, spec)
+
+
+def build_synthetic(zoo_name):
+    family, num, _, _, task = FULL[zoo_name]
+    if family == "siren":
+        return synthetic_zoo(family, [DWSNETS_ARCH], np.zeros(num, dtype=np.int64), task)
+    if family == "small_cnn":
+        ids = (np.arange(num) % 2).astype(np.int64)  # relu and tanh runs
+        return synthetic_zoo(family, [zoo_arch("relu"), zoo_arch("tanh")], ids, task)
+    archs = wild_park_archs(200)
+    return synthetic_zoo(family, archs, np.random.default_rng(0).integers(0, len(archs), num), task)
+
+
+def steps_per_second(zoo, device, num_probes=128, batch=32, steps=10):
+    method = build_method("probegen", zoo, {}, num_probes=num_probes, seed=0).to(device)
+    opt = torch.optim.Adam(method.parameters(), lr=3e-4)
+    gen = torch.Generator().manual_seed(0)
+    regression = zoo.task == "regression"
+
+    def step():
+        idx = torch.randint(0, len(zoo), (batch,), generator=gen).numpy()
+        w = torch.as_tensor(zoo.weights[idx]).to(device)
+        y = torch.as_tensor(zoo.labels[idx]).to(device)
+        out = method(w, torch.as_tensor(zoo.arch_ids[idx]).to(device))
+        loss = F.mse_loss(out.float(), y.float()) if regression else F.cross_entropy(out.float(), y.long())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps / (time.perf_counter() - start)
+
+
+def full_scale_report(device):
+    report = {}
+    for name, (family, num, train, epochs, _) in FULL.items():
+        start = time.perf_counter()
+        zoo = build_synthetic(name)
+        built = time.perf_counter() - start
+        rate = steps_per_second(zoo, device)
+        total_steps = epochs * math.ceil(train / 32)
+        report[name] = {"family": family, "synthetic_models": num, "synthetic_zoo_gb": zoo.weights.nbytes / 1e9,
+                        "build_s": built, "steps_per_s": rate, "paper_run_steps": total_steps,
+                        "projected_paper_run_min": total_steps / rate / 60}
+    return report
