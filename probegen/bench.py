@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from probegen.methods import build_method
-from probegen.nets import get_family
+from probegen.nets import forward_zoo, get_family
 from probegen.train import resolve_device
 from probegen.zoo.packed import PackedZoo, load_packed
 
@@ -64,8 +64,8 @@ def probegen_steps_per_second(zoo, num_probes=128, batch=32, steps=30, device="c
     opt = torch.optim.Adam(method.parameters(), lr=3e-4)
     fam = get_family(zoo.family)
     n = min(len(zoo), 512)
-    weights = torch.as_tensor(np.asarray(zoo.weights[:n])).to(device)
-    arch_ids = torch.as_tensor(zoo.arch_ids[:n]).to(device)
+    weights = torch.tensor(np.asarray(zoo.weights[:n])).to(device)  # a copy: the memmap is read-only
+    arch_ids = torch.tensor(zoo.arch_ids[:n]).to(device)
     labels = torch.as_tensor(np.asarray(zoo.labels[:n])).long().to(device)
     modules = [fam.reference_module(zoo.archs[int(a)], weights[i]).to(device).requires_grad_(False)
                for i, a in enumerate(arch_ids)]
@@ -84,9 +84,23 @@ def probegen_steps_per_second(zoo, num_probes=128, batch=32, steps=30, device="c
         loss.backward()
         opt.step()
 
+    def probe_only(loop):
+        """Just probing: every model of a batch on the K probes, forward and backward to the probes."""
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        probes = method.probes()
+        if loop:
+            responses = torch.stack([modules[i](probes) for i in idx.tolist()])  # (B, K, 1)
+        else:
+            responses = forward_zoo(zoo.family, zoo.archs, arch_ids[idx], weights[idx], probes)  # (B, K, 1)
+        responses.sum().backward()
+
     batched = _timed_steps(lambda: step(False), steps)
     looped = _timed_steps(lambda: step(True), max(5, steps // 3))
-    return {"batched_steps_per_s": batched, "loop_steps_per_s": looped, "speedup": batched / looped}
+    probe_batched = _timed_steps(lambda: probe_only(False), steps)
+    probe_looped = _timed_steps(lambda: probe_only(True), max(5, steps // 3))
+    return {"batched_steps_per_s": batched, "loop_steps_per_s": looped, "speedup": batched / looped,
+            "probing_only_batched_per_s": probe_batched, "probing_only_loop_per_s": probe_looped,
+            "probing_only_speedup": probe_batched / probe_looped}
 
 
 def zoo_build_times():
