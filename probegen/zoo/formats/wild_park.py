@@ -182,7 +182,7 @@ def _load(path, weights_only_first):
 
 
 class _StandIn:
-    """Inert placeholder for a class or function the restricted unpickler does not import."""
+    """Inert stand-in for a class or function the restricted unpickler does not import."""
 
     state = None
 
