@@ -13,6 +13,8 @@ and registers itself in FAMILIES. `forward(arch, ...)` never loops over models i
 
 import math
 
+import numpy as np
+
 import torch
 
 from probegen.errors import ProbegenError
@@ -47,6 +49,15 @@ def layer_params(param_shapes, weights):
         params.append(weights[:, start:start + size].reshape(weights.shape[0], *shape))
         start += size
     return list(zip(params[0::2], params[1::2]))
+
+
+def load_row(module, row):
+    """Fill a freshly built reference module from one packed row (numpy or tensor, possibly zero-padded on
+    the right): the row is its parameters flattened in state_dict order."""
+    n = sum(p.numel() for p in module.parameters())
+    row = torch.tensor(np.asarray(row[:n], dtype=np.float32))  # a copy: rows may be read-only memmaps
+    torch.nn.utils.vector_to_parameters(row, module.parameters())
+    return module
 
 
 def forward_zoo(family, archs, arch_ids, weights, x):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from probegen.nets import layer_params, register
+from probegen.nets import layer_params, load_row, register
 
 DWSNETS_ARCH = {"in_dim": 2, "hidden": [32, 32], "out_dim": 1, "w0": 30.0, "out_bias": 0.5}
 
@@ -87,11 +87,7 @@ class SirenModule(nn.Module):
 
 def reference_module(arch, row):
     """Rebuild one model from a packed row (numpy or tensor, possibly zero-padded on the right)."""
-    module = SirenModule(arch)
-    n = sum(p.numel() for p in module.parameters())
-    row = torch.as_tensor(np.asarray(row[:n], dtype=np.float32))
-    nn.utils.vector_to_parameters(row, module.parameters())
-    return module
+    return load_row(SirenModule(arch), row)
 
 
 def grid_coords(side=28):

@@ -15,13 +15,12 @@ The family registers this module itself in probegen.nets.FAMILIES under "small_c
 
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from probegen.errors import ProbegenError
-from probegen.nets import layer_params, register
+from probegen.nets import layer_params, load_row, register
 
 IMAGE_SIZE = 32
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
@@ -141,11 +140,7 @@ class SmallCNN(nn.Module):
 
 def reference_module(arch, row):
     """Rebuild one model from a packed row (numpy or tensor, possibly zero-padded on the right)."""
-    module = SmallCNN(arch)
-    n = sum(p.numel() for p in module.parameters())
-    row = torch.tensor(np.asarray(row[:n], dtype=np.float32))  # a copy: rows may be read-only memmaps
-    nn.utils.vector_to_parameters(row, module.parameters())
-    return module
+    return load_row(SmallCNN(arch), row)
 
 
 register("small_cnn")(sys.modules[__name__])

@@ -20,13 +20,12 @@ layers.{i}.bias (c_i), ..., fc.weight (num_classes, c_L), fc.bias (num_classes).
 
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from probegen.errors import ProbegenError
-from probegen.nets import layer_params, register
+from probegen.nets import layer_params, load_row, register
 
 # torchvision's Normalize constants of the zoo's training data (generate_cnn_park_config/data/cifar10.yaml)
 CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)
@@ -196,11 +195,7 @@ class WildParkCNN(nn.Module):
 
 def reference_module(arch, row):
     """Rebuild one model from a packed row (numpy or tensor, possibly zero-padded on the right)."""
-    module = WildParkCNN(arch)
-    n = sum(p.numel() for p in module.parameters())
-    row = torch.as_tensor(np.asarray(row[:n], dtype=np.float32))
-    nn.utils.vector_to_parameters(row, module.parameters())
-    return module
+    return load_row(WildParkCNN(arch), row)
 
 
 register("wild_park")(sys.modules[__name__])
