@@ -146,7 +146,7 @@ def plot_inr_probes(probes, zoo, path, title):
     idx = np.arange(0, len(zoo), max(1, len(zoo) // 256))
     with torch.no_grad():
         img = forward_zoo(zoo.family, zoo.archs, torch.as_tensor(zoo.arch_ids[idx]),
-                          torch.as_tensor(np.asarray(zoo.weights[idx])), grid_coords(side))  # (b, side*side, 1)
+                          zoo.weights[idx], grid_coords(side))  # (b, side*side, 1)
     mean = img.mean(0).reshape(side, side).numpy()
     fig, ax = plt.subplots(figsize=(4, 4))
     # grid_coords entry k is (x = lin[k % side], y = lin[k // side]): rows of the image are y, downwards.

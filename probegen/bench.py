@@ -25,27 +25,17 @@ import torch.nn.functional as F
 from probegen.methods import build_method
 from probegen.nets import forward_zoo, get_family
 from probegen.train import resolve_device
-from probegen.zoo.packed import PackedZoo, load_packed
+from probegen.nets.siren import DWSNETS_ARCH
+from probegen.scale import full_scale_report, synthetic_zoo
+from probegen.zoo.packed import load_packed
 
-SIREN_ARCH = {"in_dim": 2, "hidden": [32, 32], "out_dim": 1, "w0": 30.0, "out_bias": 0.5}
-
-
-def random_zoo(family, arch, num_models, task="classification", seed=0):
-    """An in-memory packed zoo of random weights: speed does not depend on the values."""
-    import pandas as pd
-
-    dim = sum(int(np.prod(s)) for _, s in get_family(family).param_shapes(arch))
-    gen = np.random.default_rng(seed)
-    weights = (gen.standard_normal((num_models, dim)) * 0.1).astype(np.float32)
-    labels = gen.integers(0, 10, num_models) if task == "classification" else gen.random(num_models, np.float32)
-    spec = {"family": family, "task": task, "num_classes": 10, "archs": [arch]}
-    meta = pd.DataFrame({"id": [str(i) for i in range(num_models)], "arch": 0})
-    return PackedZoo(Path("."), weights, labels, meta, spec)
 
 
 def digits_inr_zoo():
     path = Path("data/zoos/digits_inr")
-    return load_packed(path) if path.exists() else random_zoo("siren", SIREN_ARCH, 1797)
+    if path.exists():
+        return load_packed(path)
+    return synthetic_zoo("siren", [DWSNETS_ARCH], np.zeros(1797, dtype=np.int64), "classification")
 
 
 def _timed_steps(step, steps, warmup=3):
@@ -64,7 +54,7 @@ def probegen_steps_per_second(zoo, num_probes=128, batch=32, steps=30, device="c
     opt = torch.optim.Adam(method.parameters(), lr=3e-4)
     fam = get_family(zoo.family)
     n = min(len(zoo), 512)
-    weights = torch.tensor(np.asarray(zoo.weights[:n])).to(device)  # a copy: the memmap is read-only
+    weights = zoo.weights[:n].to(device)  # (n, D)
     arch_ids = torch.tensor(zoo.arch_ids[:n]).to(device)
     labels = torch.as_tensor(np.asarray(zoo.labels[:n])).long().to(device)
     modules = [fam.reference_module(zoo.archs[int(a)], weights[i]).to(device).requires_grad_(False)
@@ -151,7 +141,6 @@ def main(argv=None):
     from probegen.patching.bench import bench_patching
     report("path patching on the induction model: hypotheses/s", bench_patching())
     if args.scale == "full":
-        from probegen.scale import full_scale_report
         for zoo, values in full_scale_report(device).items():
             report(f"full scale: {zoo}", values)
     if args.pipeline:

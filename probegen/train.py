@@ -45,16 +45,16 @@ def resolve_device(name):
 
 class _Split:
     """One split's rows. When they fit (RAM_LIMIT_BYTES) they are read once and kept on the training
-    device, so a batch is an index into memory: no per-step disk read or host-to-device copy. Otherwise
-    each batch is read from the memmap."""
+    device, ragged as packed, so a batch is an index into memory: no per-step disk read or host-to-device
+    copy. Otherwise each batch is read from the memmap."""
 
     def __init__(self, zoo, idx, device):
         self.zoo, self.idx, self.device = zoo, np.asarray(idx, dtype=np.int64), device
         labels = np.asarray(zoo.labels)[self.idx].astype(np.int64 if zoo.task == "classification" else np.float32)
         self.labels = torch.from_numpy(labels).to(device)
         self.arch_ids = torch.from_numpy(zoo.arch_ids[self.idx]).to(device)
-        fits = len(self.idx) * zoo.weights.shape[1] * 4 <= RAM_LIMIT_BYTES
-        self.weights = zoo_rows(zoo, self.idx).to(device) if fits else None
+        fits = int(zoo.weights.sizes[self.idx].sum()) * 4 <= RAM_LIMIT_BYTES
+        self.weights = zoo.weights.select(self.idx).to(device) if fits else None  # ZooRows
 
     def __len__(self):
         return len(self.idx)

@@ -1,4 +1,4 @@
-"""pack@<zoo>: data/raw/<zoo>/ -> data/zoos/<zoo>/ (weights.npy, labels.npy, meta.csv, spec.json)"""
+"""pack@<zoo>: data/raw/<zoo>/ -> data/zoos/<zoo>/ (weights.npy, offsets.npy, labels.npy, meta.csv, spec.json)"""
 
 import sys
 

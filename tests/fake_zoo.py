@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from probegen.zoo.packed import PackedZoo
+from probegen.zoo.packed import PackedZoo, ragged
 
 
 def _mlp_shapes(arch):
@@ -73,12 +73,12 @@ def num_params(name, arch):
 
 
 def make_zoo(family_name, archs, n, task="classification", num_classes=3, seed=0, arch_ids=None, signal=1.0):
-    """n random models; label-dependent output bias. Rows are zero-padded to the largest architecture."""
+    """n random models; label-dependent output bias. Stored ragged, as a packed zoo is."""
     rng = np.random.default_rng(seed)
     arch_ids = np.asarray(arch_ids if arch_ids is not None else np.arange(n) % len(archs), dtype=np.int64)
     fam = family(family_name)
     sizes = [num_params(family_name, a) for a in archs]
-    weights = np.zeros((n, max(sizes)), dtype=np.float32)
+    rows = []
     if task == "classification":
         labels = rng.integers(0, num_classes, n).astype(np.int64)
         target = labels.astype(np.float32)
@@ -90,11 +90,11 @@ def make_zoo(family_name, archs, n, task="classification", num_classes=3, seed=0
         row = rng.normal(0, 0.5, d).astype(np.float32)
         out = fam.output_dim(archs[a])
         row[d - out:] = signal * target[i] + rng.normal(0, 0.1, out)  # the output bias is last
-        weights[i, :d] = row
+        rows.append(row)
     spec = {"family": family_name, "task": task, "num_classes": num_classes if task == "classification" else None,
             "archs": list(archs), "format": "fake", "num_models": n}
     meta = pd.DataFrame({"id": [f"m{i}" for i in range(n)], "arch": arch_ids})
-    return PackedZoo(Path("."), weights, labels, meta, spec)
+    return PackedZoo(Path("."), ragged(np.concatenate(rows), [len(r) for r in rows]), labels, meta, spec)
 
 
 def split_of(n, val=0.2, test=0.2, seed=0):

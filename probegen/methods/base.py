@@ -96,15 +96,17 @@ def zoo_rows(zoo, idx):
     Reads in increasing row order (sequential on disk) and copies only these rows."""
     idx = np.asarray(idx, dtype=np.int64)
     order = np.argsort(idx, kind="stable")
-    out = np.empty((len(idx), zoo.weights.shape[1]), dtype=np.float32)
-    out[order] = zoo.weights[idx[order]]
-    return torch.from_numpy(out)
+    out = torch.empty((len(idx), zoo.weights.shape[1]))
+    out[torch.from_numpy(order)] = zoo.weights[idx[order]]
+    return out
 
 
-def iter_rows(zoo, idx, chunk=4096):
-    """Chunks of (weights (b, D), arch_ids (b,)) over the rows idx, for one pass of statistics."""
+def iter_rows(zoo, idx, chunk_bytes=64 << 20):
+    """Chunks of (weights (b, D), arch_ids (b,)) over the rows idx, for one pass of statistics; each
+    chunk about chunk_bytes, whatever the (padded) width D."""
     idx = np.sort(np.asarray(idx, dtype=np.int64))
     arch_ids = zoo.arch_ids
+    chunk = max(1, chunk_bytes // (4 * zoo.weights.shape[1]))
     for start in range(0, len(idx), chunk):
         part = idx[start:start + chunk]
         yield zoo_rows(zoo, part), torch.from_numpy(arch_ids[part])

@@ -583,7 +583,7 @@ def _mean_image(zoo, side=28, n=256):
     idx = np.arange(0, len(zoo), max(1, len(zoo) // n))
     with torch.no_grad():
         img = forward_zoo(zoo.family, zoo.archs, torch.as_tensor(zoo.arch_ids[idx]),
-                          torch.as_tensor(np.asarray(zoo.weights[idx])), grid_coords(side))  # (b, side^2, 1)
+                          zoo.weights[idx], grid_coords(side))  # (b, side^2, 1)
     return img.mean(0).reshape(side, side).numpy()
 
 

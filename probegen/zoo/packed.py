@@ -1,15 +1,20 @@
 """The packed zoo: what every reader produces and every method consumes.
 
     data/zoos/<zoo>/
-      weights.npy   float32 [N, D], memory-mapped. Row i = model i's parameters, flattened in the order
-                    and layout of its reference nn.Module's state_dict (PyTorch layout). Heterogeneous zoos
-                    are zero-padded on the right to the largest D.
+      weights.npy   float32 [T], memory-mapped: every model's parameters back to back. Model i's are
+                    weights[offsets[i]:offsets[i+1]], flattened in the order and layout of its reference
+                    nn.Module's state_dict (PyTorch layout). Stored ragged, so a zoo of mixed sizes costs
+                    its real parameter count (CNN Wild Park: ~8 GB, not the 60-80 GB of padding every
+                    model to the largest).
+      offsets.npy   int64 [N + 1], offsets[0] = 0, offsets[N] = T
       labels.npy    [N] int64 (classification) or float32 (regression)
       meta.csv      one row per model: `id` (where it came from in the raw zoo), `arch` (index into
                     spec["archs"]), plus format-specific columns
       spec.json     {"family", "task", "num_classes", "archs": [arch dicts], "format", "num_models",
                      "dropped_nonfinite", ...}
 
+Readers see the weights as `zoo.weights`, a ZooRows: rows[idx] -> (len(idx), D) float32 tensor, each
+model zero-padded on the right to D = the largest model's size (the batched forwards ignore the padding).
 Models are written in chunks through PackedWriter, so packing 70,000 checkpoints needs bounded memory.
 """
 
@@ -19,18 +24,90 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from probegen.errors import ProbegenError
 from probegen.io import atomic_dir
+from probegen.nets import num_params
 
 TASKS = ("classification", "regression")
 NONFINITE_POLICIES = ("error", "drop")
 
 
+class ZooRows:
+    """Models of different sizes stored back to back, read as zero-padded rows.
+
+    flat (T,) float32 and offsets (N + 1,) int64 tensors, on any device (a CPU memmap or the GPU).
+    rows[idx] -> (len(idx), D), rows[i] -> (D,), D = the largest model. No Python loop over models.
+    """
+
+    def __init__(self, flat, offsets):
+        self.flat, self.offsets = flat, offsets
+        self.sizes = offsets[1:] - offsets[:-1]  # (N,) parameters per model
+        width = int(self.sizes.max()) if len(self.sizes) else 0
+        self.shape = (len(self.sizes), width)
+        # All models the same size (the INR and Small CNN zoos): rows are plain slices of an (N, D) view.
+        uniform = bool((self.sizes == width).all())
+        self.matrix = flat[:self.shape[0] * width].view(self.shape) if uniform else None
+
+    def __len__(self):
+        return self.shape[0]
+
+    @property
+    def nbytes(self):
+        """Bytes of parameters actually stored (not counting padding)."""
+        return int(self.offsets[-1]) * self.flat.element_size()
+
+    def __getitem__(self, idx):
+        if isinstance(idx, (int, np.integer)):
+            return self[[int(idx)]][0]
+        idx = self._positions(idx)
+        if self.matrix is not None:
+            return self.matrix[idx]
+        values, sizes = self._gather(idx)
+        inside = torch.arange(self.shape[1], device=sizes.device) < sizes[:, None]  # (B, D) real entries
+        out = self.flat.new_zeros((len(idx), self.shape[1]))
+        out[inside] = values  # row-major, as _gather lays them out
+        return out
+
+    def select(self, idx, chunk=1024):
+        """Models idx (in that order) as a new, compact ZooRows: a split held in memory stays ragged.
+        Gathered `chunk` models at a time, which bounds the index arrays _gather builds."""
+        idx = self._positions(idx)
+        values = torch.cat([self._gather(idx[s:s + chunk])[0] for s in range(0, len(idx), chunk)])
+        return ZooRows(values, torch.cat([idx.new_zeros(1), torch.cumsum(self.sizes[idx], 0)]))
+
+    def to(self, device):
+        return ZooRows(self.flat.to(device), self.offsets.to(device))
+
+    def _positions(self, idx):
+        if isinstance(idx, slice):
+            return torch.arange(*idx.indices(len(self)), device=self.flat.device)
+        idx = torch.as_tensor(np.asarray(idx) if not torch.is_tensor(idx) else idx)
+        if idx.dtype == torch.bool:
+            idx = torch.nonzero(idx).squeeze(1)
+        return idx.to(device=self.flat.device, dtype=torch.long)
+
+    def _gather(self, idx):
+        """(B,) model indices -> (their parameters back to back (sum of sizes,), sizes (B,))."""
+        sizes = self.sizes[idx]  # (B,)
+        ends = torch.cumsum(sizes, 0)
+        total = int(ends[-1]) if len(ends) else 0
+        # Position of every wanted parameter in flat: its model's offset + its index within the model.
+        within = torch.arange(total, device=sizes.device) - torch.repeat_interleave(ends - sizes, sizes)
+        return self.flat[torch.repeat_interleave(self.offsets[idx], sizes) + within], sizes
+
+
+def ragged(flat, sizes):
+    """flat (T,) parameters back to back + sizes (N,) parameters per model -> ZooRows (zoos in memory)."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # (N + 1,)
+    return ZooRows(torch.as_tensor(flat, dtype=torch.float32), torch.from_numpy(offsets))
+
+
 @dataclass
 class PackedZoo:
     root: Path
-    weights: np.ndarray  # (N, D) float32 memmap
+    weights: ZooRows  # (N, D) float32, zero-padded rows
     labels: np.ndarray  # (N,)
     meta: pd.DataFrame  # N rows
     spec: dict
@@ -61,86 +138,108 @@ class PackedZoo:
 
 def load_packed(root):
     root = Path(root)
-    for name in ("weights.npy", "labels.npy", "meta.csv", "spec.json"):
+    for name in ("weights.npy", "offsets.npy", "labels.npy", "meta.csv", "spec.json"):
         if not (root / name).exists():
             raise ProbegenError(f"{root / name}: missing; run the pack stage first")
-    weights = np.load(root / "weights.npy", mmap_mode="r")
+    # Copy-on-write mapping: torch wants a writable array; nothing is ever written back to the file.
+    flat = np.load(root / "weights.npy", mmap_mode="c")
+    offsets = np.load(root / "offsets.npy")
     labels = np.load(root / "labels.npy")
     meta = pd.read_csv(root / "meta.csv", keep_default_na=False)
     spec = json.loads((root / "spec.json").read_text())
-    if weights.ndim != 2 or weights.dtype != np.float32:
-        raise ProbegenError(f"{root / 'weights.npy'}: expected float32 [N, D], got {weights.dtype} {weights.shape}")
-    if not (len(weights) == len(labels) == len(meta)):
-        raise ProbegenError(f"{root}: weights, labels and meta disagree on N ({len(weights)}, {len(labels)}, {len(meta)})")
+    if flat.ndim != 1 or flat.dtype != np.float32:
+        raise ProbegenError(f"{root / 'weights.npy'}: expected float32 [T], got {flat.dtype} {flat.shape}")
+    if (offsets.ndim != 1 or offsets.dtype != np.int64 or len(offsets) == 0 or offsets[0] != 0
+            or (np.diff(offsets) <= 0).any() or offsets[-1] != len(flat)):
+        raise ProbegenError(f"{root / 'offsets.npy'}: expected increasing int64 offsets from 0 to {len(flat)}")
+    if not (len(offsets) - 1 == len(labels) == len(meta)):
+        raise ProbegenError(f"{root}: offsets, labels and meta disagree on N "
+                            f"({len(offsets) - 1}, {len(labels)}, {len(meta)})")
+    weights = ZooRows(torch.from_numpy(flat), torch.from_numpy(offsets))
     return PackedZoo(root, weights, labels, meta, spec)
 
 
 class PackedWriter:
     """Streams models into a packed zoo folder; the folder appears only when close() succeeds.
 
-        with PackedWriter(out, capacity=N, dim=D, spec=spec, nonfinite="drop") as w:
-            w.add(weights_chunk, labels_chunk, meta_rows, archs, sources)
+        with PackedWriter(out, capacity=N, total_params=T, spec=spec, nonfinite="drop") as w:
+            w.add(rows, labels_chunk, meta_rows, archs, sources)
 
-    `sources` name each model's file (or file + row) for error messages. With nonfinite="error" a model
-    with NaN/inf weights raises ProbegenError naming its source; with "drop" it is skipped and counted.
+    capacity and total_params bound the models and their parameters together (the weights file is
+    preallocated, then trimmed). rows: an (n, d) array, or n flat arrays, each exactly its architecture's
+    parameter count (spec["family"] says how to count). `sources` name each model's file (or file + row)
+    for error messages. With nonfinite="error" a model with NaN/inf weights
+    raises ProbegenError naming its source; with "drop" it is skipped and counted.
     """
 
-    def __init__(self, out_dir, capacity, dim, spec, nonfinite="error"):
+    def __init__(self, out_dir, capacity, total_params, spec, nonfinite="error"):
         if nonfinite not in NONFINITE_POLICIES:
             raise ProbegenError(f"nonfinite: expected one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if spec.get("task") not in TASKS:
             raise ProbegenError(f"spec task: expected one of {TASKS}, got {spec.get('task')!r}")
-        self.out_dir, self.capacity, self.dim = Path(out_dir), int(capacity), int(dim)
+        self.out_dir, self.capacity, self.total_params = Path(out_dir), int(capacity), int(total_params)
         self.spec, self.nonfinite = dict(spec), nonfinite
         self.label_dtype = np.int64 if spec["task"] == "classification" else np.float32
         self._ctx = atomic_dir(self.out_dir)
         self.tmp = self._ctx.__enter__()
-        self.weights = np.lib.format.open_memmap(self.tmp / "weights.npy", mode="w+", dtype=np.float32,
-                                                 shape=(self.capacity, self.dim))
-        self.labels, self.meta, self.arch_keys, self.archs = [], [], {}, []
-        self.count, self.dropped = 0, []
+        self.flat = np.lib.format.open_memmap(self.tmp / "weights.npy", mode="w+", dtype=np.float32,
+                                              shape=(self.total_params,))
+        self.offsets, self.labels, self.meta, self.arch_keys, self.archs, self.arch_sizes = [0], [], [], {}, [], []
+        self.dropped = []
 
-    def add(self, weights, labels, meta_rows, archs, sources):
-        weights = np.asarray(weights, dtype=np.float32)  # (n, d) with d <= D
-        n = len(weights)
-        if weights.ndim != 2 or weights.shape[1] > self.dim:
-            raise ProbegenError(f"{sources[0]}: weights of shape {weights.shape} do not fit [n, {self.dim}]")
-        if not (n == len(labels) == len(meta_rows) == len(archs) == len(sources)):
+    def add(self, rows, labels, meta_rows, archs, sources):
+        rows = [np.asarray(r, dtype=np.float32).reshape(-1) for r in rows]  # each model's parameters
+        if not (len(rows) == len(labels) == len(meta_rows) == len(archs) == len(sources)):
             raise ProbegenError(f"{sources[0]}: chunk lengths disagree")
-        finite = np.isfinite(weights).all(axis=1) & np.isfinite(np.asarray(labels, dtype=np.float64))
-        if not finite.all():
-            bad = [s for s, ok in zip(sources, finite) if not ok]
-            if self.nonfinite == "error":
-                raise ProbegenError(f"{bad[0]}: non-finite (NaN/inf) weights or label")
-            self.dropped.extend(bad)
-        keep = np.flatnonzero(finite)
-        if self.count + len(keep) > self.capacity:
-            raise ProbegenError(f"{sources[0]}: more models than the declared capacity {self.capacity}")
-        self.weights[self.count:self.count + len(keep), :weights.shape[1]] = weights[keep]
-        self.weights[self.count:self.count + len(keep), weights.shape[1]:] = 0.0
-        self.count += len(keep)
+        labels = np.asarray(labels, dtype=np.float64)
+        arch_ids = [self._arch_index(arch) for arch in archs]
+        keep = []
+        for i, row in enumerate(rows):
+            if row.size != self.arch_sizes[arch_ids[i]]:
+                raise ProbegenError(f"{sources[i]}: {row.size} parameters, but its architecture has "
+                                    f"{self.arch_sizes[arch_ids[i]]}")
+            if np.isfinite(row).all() and np.isfinite(labels[i]):
+                keep.append(i)
+            elif self.nonfinite == "error":
+                raise ProbegenError(f"{sources[i]}: non-finite (NaN/inf) weights or label")
+            else:
+                self.dropped.append(sources[i])
+        if keep:
+            self._append([rows[i] for i in keep], [sources[i] for i in keep])
         for i in keep:
             self.labels.append(labels[i])
-            self.meta.append({"id": sources[i], "arch": self._arch_index(archs[i]), **meta_rows[i]})
+            self.meta.append({"id": sources[i], "arch": arch_ids[i], **meta_rows[i]})
+
+    def _append(self, rows, sources):
+        start, count = self.offsets[-1], len(self.offsets) - 1
+        ends = start + np.cumsum([row.size for row in rows])  # where each model's parameters end
+        over = (count + np.arange(1, len(rows) + 1) > self.capacity) | (ends > self.total_params)
+        if over.any():
+            raise ProbegenError(f"{sources[int(np.argmax(over))]}: more models or parameters than declared "
+                                f"({self.capacity} models, {self.total_params} parameters)")
+        self.flat[start:ends[-1]] = np.concatenate(rows)
+        self.offsets.extend(int(e) for e in ends)
 
     def _arch_index(self, arch):
         key = json.dumps(arch, sort_keys=True)
         if key not in self.arch_keys:
             self.arch_keys[key] = len(self.archs)
             self.archs.append(arch)
+            self.arch_sizes.append(num_params(self.spec["family"], arch))
         return self.arch_keys[key]
 
     def close(self):
-        if self.count == 0:
+        count = len(self.offsets) - 1
+        if count == 0:
             raise ProbegenError(f"{self.out_dir}: no usable models")
-        self.weights.flush()
-        del self.weights
-        if self.count < self.capacity:
-            _shrink_rows(self.tmp / "weights.npy", self.count)
+        self.flat.flush()
+        del self.flat
+        if self.offsets[-1] < self.total_params:
+            _truncate(self.tmp / "weights.npy", self.offsets[-1])
+        np.save(self.tmp / "offsets.npy", np.asarray(self.offsets, dtype=np.int64))
         np.save(self.tmp / "labels.npy", np.asarray(self.labels, dtype=self.label_dtype))
         pd.DataFrame(self.meta).to_csv(self.tmp / "meta.csv", index=False)
-        spec = {**self.spec, "archs": self.archs, "num_models": self.count,
-                "dropped_nonfinite": len(self.dropped)}
+        spec = {**self.spec, "archs": self.archs, "num_models": count, "dropped_nonfinite": len(self.dropped)}
         (self.tmp / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
         self._ctx.__exit__(None, None, None)
         return spec
@@ -152,17 +251,17 @@ class PackedWriter:
         if exc_type is None:
             self.close()
         else:
-            if hasattr(self, "weights"):
-                del self.weights
+            if hasattr(self, "flat"):
+                del self.flat
             self._ctx.__exit__(exc_type, exc, tb)
         return False
 
 
-def _shrink_rows(path, n, chunk=4096):
-    """Keep the first n rows of an .npy file, copying in chunks (never the whole array in memory)."""
+def _truncate(path, n, chunk=1 << 24):
+    """Keep the first n values of a 1-D .npy file, copying in chunks (never the whole array in memory)."""
     src = np.load(path, mmap_mode="r")
-    tmp = path.with_suffix(".shrink.npy")
-    dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=(n, src.shape[1]))
+    tmp = path.with_suffix(".trim.npy")
+    dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=(n,))
     for start in range(0, n, chunk):
         dst[start:start + chunk] = src[start:min(start + chunk, n)]
     dst.flush()

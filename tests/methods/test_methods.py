@@ -30,7 +30,7 @@ def _zoos():
 
 
 def _batch(zoo):
-    return torch.from_numpy(np.array(zoo.weights)), torch.from_numpy(zoo.arch_ids.copy())
+    return zoo.weights[:], torch.from_numpy(zoo.arch_ids.copy())
 
 
 def test_registry_knows_every_method_and_its_kind():
@@ -136,7 +136,7 @@ def test_statnn_statistics_equal_a_numpy_reference():
     assert feats.shape == (7, 4 * 7)
     for i in range(len(zoo)):
         arch = MLP_ARCHS[a[i]]
-        row, start, expected = zoo.weights[i].astype(np.float64), 0, []
+        row, start, expected = zoo.weights[i].numpy().astype(np.float64), 0, []
         for _, shape in [("", (arch["hidden"], 2)), ("", (arch["hidden"],)), ("", (1, arch["hidden"])), ("", (1,))]:
             t = row[start:start + int(np.prod(shape))]
             start += t.size

@@ -39,8 +39,9 @@ def write_zoo(root, name, family, archs, n, task="classification", seed=0):
     weights = (rng.normal(0, 0.3, (n, D))).astype(np.float32)
     labels = rng.integers(0, 3, n) if task == "classification" else rng.uniform(0, 1, n).astype(np.float32)
     spec = {"family": family, "task": task, "num_classes": 3 if task == "classification" else None, "format": "test"}
-    with PackedWriter(root / f"data/zoos/{name}", capacity=n, dim=D, spec=spec) as w:
-        w.add(weights, labels, [{}] * n, [archs[a] for a in arch_ids], [f"m{i}" for i in range(n)])
+    rows = [weights[i, :num_params(family, archs[a])] for i, a in enumerate(arch_ids)]
+    with PackedWriter(root / f"data/zoos/{name}", capacity=n, total_params=n * D, spec=spec) as w:
+        w.add(rows, labels, [{}] * n, [archs[a] for a in arch_ids], [f"m{i}" for i in range(n)])
     idx = rng.permutation(n).tolist()
     split = {"train": idx[:n // 4], "val": idx[n // 4:n // 2], "test": idx[n // 2:]}
     (root / "data/splits").mkdir(parents=True, exist_ok=True)
@@ -66,7 +67,7 @@ def siren_zoo(tmp_path):
 
 def pair_rows(zoo, split, n=24):
     ref, cf, _ = make_pairs(zoo, split["test"], n, seed=0)
-    w = lambda idx: torch.from_numpy(np.asarray(zoo.weights[idx]))
+    w = lambda idx: zoo.weights[idx]
     return w(ref), w(cf), zoo.arch_ids[ref]
 
 
@@ -171,7 +172,7 @@ def test_alignment_undoes_a_function_preserving_permutation(tmp_path, family, ar
     zoo, _ = write_zoo(tmp_path, "z", family, archs, 6)
     m = build_method("probegen", zoo, CFG, num_probes=3, seed=0).eval()
     for a, arch in enumerate(archs):
-        w = torch.from_numpy(np.asarray(zoo.weights[zoo.arch_ids == a]))
+        w = zoo.weights[zoo.arch_ids == a]
         perms = random_perms(family, arch, len(w), seed=1)
         assert not all(torch.equal(p, torch.arange(p.shape[1]).expand_as(p)) for p in perms)
         permuted = permute_units(family, arch, w, perms)

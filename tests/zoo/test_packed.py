@@ -1,34 +1,47 @@
 import numpy as np
 import pytest
+import torch
 
 from probegen.errors import ProbegenError
-from probegen.zoo.packed import PackedWriter, load_packed
+from probegen.zoo.packed import PackedWriter, ZooRows, load_packed, ragged
+from fake_zoo import register_tiny
 
-SPEC = {"family": "siren", "task": "classification", "num_classes": 10, "format": "test"}
+SPEC = {"family": "tiny_mlp", "task": "classification", "num_classes": 10, "format": "test"}
+ARCH5 = {"in": 1, "hidden": 2, "out": 1}  # 1*2 + 2 + 2*1 + 1 = 7 parameters
+D5 = 7
+
+
+@pytest.fixture(autouse=True)
+def tiny(monkeypatch):
+    register_tiny(monkeypatch)
 
 
 def write(out, rows, labels, nonfinite="error", capacity=None):
-    with PackedWriter(out, capacity=capacity or len(rows), dim=5, spec=SPEC, nonfinite=nonfinite) as w:
+    n = capacity or len(rows)
+    with PackedWriter(out, capacity=n, total_params=n * D5, spec=SPEC, nonfinite=nonfinite) as w:
         for start in range(0, len(rows), 2):  # chunks of 2: streaming must not change the result
             chunk = slice(start, start + 2)
             ids = range(start, start + len(rows[chunk]))
-            w.add(rows[chunk], labels[chunk], [{"k": i} for i in ids], [{"width": 5} for _ in ids],
+            w.add(rows[chunk], labels[chunk], [{"k": i} for i in ids], [ARCH5 for _ in ids],
                   [f"m{i}.pth" for i in ids])
 
 
 def test_round_trip_streams_chunks_and_memory_maps(tmp_path):
-    rows = np.arange(25, dtype=np.float32).reshape(5, 5)
-    write(tmp_path / "zoo", rows, np.array([1, 2, 3, 4, 5]))
+    rows = np.arange(35, dtype=np.float32).reshape(5, D5)
+    write(tmp_path / "zoo", rows, np.array([1, 2, 3, 4, 5]), capacity=7)  # trimmed to what was written
     zoo = load_packed(tmp_path / "zoo")
-    assert isinstance(zoo.weights, np.memmap)
-    np.testing.assert_array_equal(zoo.weights, rows)
+    assert isinstance(np.load(tmp_path / "zoo" / "weights.npy", mmap_mode="r"), np.memmap)
+    assert zoo.weights.shape == (5, D5) and zoo.weights.nbytes == 35 * 4
+    np.testing.assert_array_equal(zoo.weights[:].numpy(), rows)
+    np.testing.assert_array_equal(zoo.weights[[3, 0]].numpy(), rows[[3, 0]])
+    np.testing.assert_array_equal(zoo.weights[2].numpy(), rows[2])
     assert zoo.labels.dtype == np.int64 and list(zoo.labels) == [1, 2, 3, 4, 5]
     assert list(zoo.meta["id"]) == [f"m{i}.pth" for i in range(5)] and list(zoo.meta["k"]) == list(range(5))
     assert zoo.spec["num_models"] == 5 and zoo.spec["dropped_nonfinite"] == 0
 
 
 def test_nonfinite_rows_are_dropped_with_a_count(tmp_path):
-    rows = np.ones((5, 5), dtype=np.float32)
+    rows = np.ones((5, D5), dtype=np.float32)
     rows[1, 3] = np.nan
     rows[4, 0] = np.inf
     rows[2] = 7
@@ -36,12 +49,12 @@ def test_nonfinite_rows_are_dropped_with_a_count(tmp_path):
     zoo = load_packed(tmp_path / "zoo")
     assert zoo.spec["dropped_nonfinite"] == 2
     assert list(zoo.meta["id"]) == ["m0.pth", "m2.pth", "m3.pth"]
-    np.testing.assert_array_equal(zoo.weights[1], 7)  # rows after a drop stay aligned with their labels
+    np.testing.assert_array_equal(zoo.weights[1].numpy(), 7)  # rows after a drop stay aligned with their labels
     assert list(zoo.labels) == [0, 2, 3]
 
 
 def test_nonfinite_error_names_the_model_and_leaves_no_folder(tmp_path):
-    rows = np.ones((4, 5), dtype=np.float32)
+    rows = np.ones((4, D5), dtype=np.float32)
     rows[3, 0] = np.nan
     with pytest.raises(ProbegenError, match=r"m3.pth: non-finite"):
         write(tmp_path / "zoo", rows, np.arange(4))
@@ -49,23 +62,63 @@ def test_nonfinite_error_names_the_model_and_leaves_no_folder(tmp_path):
 
 
 def test_existing_zoo_survives_a_failed_repack(tmp_path):
-    good = np.ones((2, 5), dtype=np.float32)
+    good = np.ones((2, D5), dtype=np.float32)
     write(tmp_path / "zoo", good, np.arange(2))
     bad = good.copy()
     bad[0, 0] = np.nan
     with pytest.raises(ProbegenError):
         write(tmp_path / "zoo", bad, np.arange(2))
-    np.testing.assert_array_equal(load_packed(tmp_path / "zoo").weights, good)
+    np.testing.assert_array_equal(load_packed(tmp_path / "zoo").weights[:].numpy(), good)
 
 
-def test_heterogeneous_rows_are_zero_padded_and_archs_deduplicated(tmp_path):
-    rows = [np.ones(3, np.float32), np.ones(5, np.float32), np.ones(3, np.float32)]
-    with PackedWriter(tmp_path / "zoo", capacity=3, dim=5, spec=SPEC) as w:
+def test_heterogeneous_models_are_stored_ragged_and_read_zero_padded(tmp_path):
+    archs = [{"in": 1, "hidden": 1, "out": 1}, {"in": 2, "hidden": 3, "out": 1}]  # 4 and 13 parameters
+    rows = [np.full(4, 1, np.float32), np.full(13, 2, np.float32), np.full(4, 3, np.float32)]
+    with PackedWriter(tmp_path / "zoo", capacity=3, total_params=21, spec=SPEC) as w:
         for i, r in enumerate(rows):
-            w.add(r[None], [i], [{}], [{"width": len(r)}], [f"m{i}"])
+            w.add([r], [i], [{}], [archs[0 if len(r) == 4 else 1]], [f"m{i}"])
+    assert np.load(tmp_path / "zoo" / "weights.npy").shape == (21,)  # no padding on disk
+    np.testing.assert_array_equal(np.load(tmp_path / "zoo" / "offsets.npy"), [0, 4, 17, 21])
     zoo = load_packed(tmp_path / "zoo")
-    np.testing.assert_array_equal(zoo.weights[0], [1, 1, 1, 0, 0])
-    assert zoo.archs == [{"width": 3}, {"width": 5}] and list(zoo.arch_ids) == [0, 1, 0]
+    assert zoo.archs == archs and list(zoo.arch_ids) == [0, 1, 0]
+    assert zoo.weights.shape == (3, 13) and zoo.weights.nbytes == 21 * 4
+    padded = np.zeros((3, 13), np.float32)
+    for i, r in enumerate(rows):
+        padded[i, :len(r)] = r
+    np.testing.assert_array_equal(zoo.weights[[2, 1, 0]].numpy(), padded[[2, 1, 0]])
+    np.testing.assert_array_equal(zoo.weights[np.array([True, False, True])].numpy(), padded[[0, 2]])
+    np.testing.assert_array_equal(zoo.weights[1:].numpy(), padded[1:])
+
+
+def test_select_keeps_a_ragged_subset_in_the_order_given():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 9, 50)
+    rows = ragged(rng.standard_normal(int(sizes.sum())).astype(np.float32), sizes)
+    idx = rng.permutation(50)[:20]
+    sub = rows.select(idx, chunk=3)  # several chunks
+    assert isinstance(sub, ZooRows) and int(sub.offsets[-1]) == int(sizes[idx].sum())
+    assert torch.equal(sub[:][:, :sub.shape[1]], rows[idx][:, :sub.shape[1]])
+    assert torch.equal(sub[5], rows[int(idx[5])][:sub.shape[1]])
+
+
+def test_a_row_of_the_wrong_size_for_its_architecture_is_refused(tmp_path):
+    with pytest.raises(ProbegenError, match=r"m0: 6 parameters, but its architecture has 7"):
+        with PackedWriter(tmp_path / "zoo", capacity=1, total_params=7, spec=SPEC) as w:
+            w.add([np.ones(6)], [0], [{}], [ARCH5], ["m0"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_more_than_declared_is_refused(tmp_path):
+    with pytest.raises(ProbegenError, match=r"m1.pth: more models or parameters than declared"):
+        write(tmp_path / "zoo", np.ones((3, D5), np.float32), np.arange(3), capacity=1)
+
+
+@pytest.mark.parametrize("offsets", [[0, 4, 3], [1, 7], [0, 7, 7], [0, 6]])
+def test_inconsistent_offsets_are_one_clear_error(tmp_path, offsets):
+    write(tmp_path / "zoo", np.ones((1, D5), np.float32), np.arange(1))
+    np.save(tmp_path / "zoo" / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    with pytest.raises(ProbegenError, match=r"offsets.npy: expected increasing int64 offsets"):
+        load_packed(tmp_path / "zoo")
 
 
 def test_missing_file_is_named(tmp_path):

@@ -9,7 +9,9 @@ import pytest
 
 from probegen.errors import ProbegenError
 from probegen.config import SplitConfig
-from probegen.zoo.packed import PackedWriter, PackedZoo
+from probegen.nets import num_params
+from probegen.nets.siren import DWSNETS_ARCH
+from probegen.zoo.packed import PackedWriter, PackedZoo, ragged
 from probegen.zoo.splits import (SPLITS, build_split, deterministic_split, inr_official_split, load_split,
                                  make_split, save_split, small_cnn_official_split, wild_park_official_split)
 
@@ -242,8 +244,8 @@ def test_malformed_split_files(tmp_path):
 
 def test_make_split_save_and_load(tmp_path):
     meta, labels, ids, digits = mnist_zoo()
-    zoo = PackedZoo(tmp_path, np.zeros((len(meta), 4), np.float32), labels, meta,
-                    {"task": "classification", "family": "inr"})
+    zoo = PackedZoo(tmp_path, ragged(np.zeros(len(meta) * 4), [4] * len(meta)), labels, meta,
+                    {"task": "classification", "family": "siren"})
     split = make_split("deterministic", zoo, val=0.2, test=0.2, seed=0)
     assert_partition(split, len(meta))
     write_inr_split(tmp_path / "mnist_splits.json", ids, digits, "")
@@ -264,10 +266,11 @@ def test_make_split_save_and_load(tmp_path):
 
 def test_build_split_stage(tmp_path):
     meta, labels, ids, digits = mnist_zoo()
-    spec = {"family": "inr", "task": "classification", "num_classes": 10, "format": "dwsnet_inr"}
-    with PackedWriter(tmp_path / "zoos" / "mnist_inr", capacity=len(meta), dim=3, spec=spec) as w:
-        w.add(np.ones((len(meta), 3)), labels, [{} for _ in ids], [{"kind": "siren"}] * len(meta),
-              list(meta["id"]))
+    spec = {"family": "siren", "task": "classification", "num_classes": 10, "format": "dwsnets_inr"}
+    d = num_params("siren", DWSNETS_ARCH)
+    with PackedWriter(tmp_path / "zoos" / "mnist_inr", capacity=len(meta), total_params=len(meta) * d,
+                      spec=spec) as w:
+        w.add(np.ones((len(meta), d)), labels, [{} for _ in ids], [DWSNETS_ARCH] * len(meta), list(meta["id"]))
     write_inr_split(tmp_path / "mnist_splits.json", ids, digits, CLUSTER)
     cfg = SplitConfig("inr_official", url=str(tmp_path / "mnist_splits.json"))
     sizes = build_split(cfg, tmp_path / "zoos" / "mnist_inr", tmp_path / "splits" / "mnist_inr.json",

@@ -94,7 +94,9 @@ def pack(raw_dir, out_dir, *, nonfinite="error", progress=True):
                             f"*_png_<split>_<digit>_<id>/checkpoints/model_final.pth or <split>/model_<idx>.pth)")
     dim = sum(int(np.prod(shape)) for _, shape in siren.param_shapes(ARCH))
     bar = tqdm(total=len(found), desc=f"pack {raw_dir.name}", unit="ckpt", disable=not progress)
-    with bar, PackedWriter(out_dir, capacity=len(found), dim=dim, spec=SPEC, nonfinite=nonfinite) as writer:
+    writer = PackedWriter(out_dir, capacity=len(found), total_params=len(found) * dim, spec=SPEC,
+                          nonfinite=nonfinite)
+    with bar, writer:
         for start in range(0, len(found), CHUNK):
             rows, labels, meta, sources = [], [], [], []
             for path, split_hint, folder_label in found[start:start + CHUNK]:

@@ -207,7 +207,9 @@ def pack(raw_dir, out_dir, *, final_step=86, nonfinite="drop", progress=True, ro
     archs = _archs(metrics["config.activation"].to_numpy()[keep], keep, raw_dir / "metrics.csv.gz")
     meta_cols = [c for c in metrics.columns if c.startswith("config.")] + ["modeldir", "step", "train_accuracy"]
     spec = {**SPEC, "final_step": None if final_step is None else int(final_step)}
-    with PackedWriter(out_dir, capacity=len(keep), dim=len(perm), spec=spec, nonfinite=nonfinite) as writer:
+    writer = PackedWriter(out_dir, capacity=len(keep), total_params=len(keep) * len(perm), spec=spec,
+                          nonfinite=nonfinite)
+    with writer:
         for start in tqdm(range(0, len(keep), CHUNK_ROWS), desc="pack", disable=not progress):
             idx = keep[start:start + CHUNK_ROWS]
             chunk = _read_rows(weights, idx)[:, perm]  # (n, 4970) PyTorch layout

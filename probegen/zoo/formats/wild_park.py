@@ -12,9 +12,10 @@ model of the zoo (117,241 of 2,800 runs). `id` = the path relative to raw_dir, w
 split file (cnn_park_splits.json, {split: {path, score, step}}) names them.
 
 Packing takes two passes over the files. The first reads only configs and tensor shapes (memory-mapped
-loads touch no tensor data), so every bad file is reported before anything is written and the packed
-width D (the largest model) is known; the second streams the weights through PackedWriter in chunks of
-about 64 MB (all 117k models at once would be ~8 GB unpadded, 60-80 GB padded to the largest model).
+loads touch no tensor data), so every bad file is reported before anything is written and the total
+parameter count is known; the second streams the weights through PackedWriter in chunks of about 64 MB.
+The packed zoo is ragged (each model stores its own parameter count): all 117k models take ~8 GB, where
+zero-padding every model to the largest would take 60-80 GB.
 """
 
 import _compat_pickle
@@ -46,29 +47,28 @@ def pack(raw_dir, out_dir, *, nonfinite="error", progress=True):
     paths = sorted(raw_dir.rglob("checkpoint.pt"), key=lambda p: p.relative_to(raw_dir).as_posix())
     if not paths:
         raise ProbegenError(f"{raw_dir}: no <trial>/checkpoint_<N>/checkpoint.pt files")
-    # Pass 1: validate everything and find D before the output folder is created.
+    # Pass 1: validate everything and count the parameters before the output folder is created.
     load = _Loader()
-    dim = max(_read(p, raw_dir, load, values=False)[0] for p in tqdm(paths, desc="scan", disable=not progress))
-    rows = max(1, CHUNK_BYTES // (4 * dim))
-    with PackedWriter(out_dir, capacity=len(paths), dim=dim, spec=SPEC, nonfinite=nonfinite) as writer:
-        with tqdm(total=len(paths), desc="pack", disable=not progress) as bar:
-            for start in range(0, len(paths), rows):
-                _add_chunk(writer, paths[start:start + rows], raw_dir, dim, load)
-                bar.update(min(rows, len(paths) - start))
+    sizes = [_read(p, raw_dir, load, values=False)[0] for p in tqdm(paths, desc="scan", disable=not progress)]
+    rows = max(1, CHUNK_BYTES // (4 * max(sizes)))
+    writer = PackedWriter(out_dir, capacity=len(paths), total_params=sum(sizes), spec=SPEC, nonfinite=nonfinite)
+    with writer, tqdm(total=len(paths), desc="pack", disable=not progress) as bar:
+        for start in range(0, len(paths), rows):
+            _add_chunk(writer, paths[start:start + rows], raw_dir, load)
+            bar.update(min(rows, len(paths) - start))
     return read_json(Path(out_dir) / "spec.json")
 
 
-def _add_chunk(writer, paths, raw_dir, dim, load):
-    weights = np.zeros((len(paths), dim), dtype=np.float32)  # (n, D)
-    labels, metas, archs, sources = [], [], [], []
-    for j, path in enumerate(paths):
-        n, arch, label, meta, flat = _read(path, raw_dir, load, values=True)
-        weights[j, :n] = flat
+def _add_chunk(writer, paths, raw_dir, load):
+    flats, labels, metas, archs, sources = [], [], [], [], []
+    for path in paths:
+        _, arch, label, meta, flat = _read(path, raw_dir, load, values=True)
+        flats.append(flat)
         labels.append(label)
         metas.append(meta)
         archs.append(arch)
         sources.append(path.relative_to(raw_dir).as_posix())
-    writer.add(weights, labels, metas, archs, sources)
+    writer.add(flats, labels, metas, archs, sources)
 
 
 def _read(path, raw_dir, load, values):

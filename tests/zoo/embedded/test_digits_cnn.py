@@ -84,7 +84,7 @@ def test_packed_weights_recompute_every_recorded_accuracy(tiny):
     assert len(packed) == 16 and (packed.meta["step"] == 2).all()
     x, y = digits_cnn.heldout_digits()
     logits = forward_zoo("small_cnn", packed.archs, torch.tensor(packed.arch_ids),
-                         torch.tensor(np.array(packed.weights)), x)  # (16, 539, 10)
+                         packed.weights[:], x)  # (16, 539, 10)
     correct = (logits.argmax(-1) == y).sum(1).numpy()
     np.testing.assert_array_equal(correct, np.rint(packed.labels * len(y)).astype(int))
     assert len(set(correct.tolist())) > 8  # the runs differ

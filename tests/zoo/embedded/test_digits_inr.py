@@ -106,7 +106,7 @@ def test_build_is_deterministic_improves_and_packs(tmp_path):
     assert packed.labels.tolist() == digits.target[indices].tolist()
     assert set(packed.meta["split_hint"]) == {"training"}
     # the packed rows reproduce the images with the family's forward, at the PSNR the build reported
-    rows = torch.from_numpy(np.array(packed.weights))
+    rows = packed.weights[:]
     images, _ = zoo.digit_images(np.array(indices))
     packed_psnr = zoo.psnr(ARCH, rows, images, coords, chunk=20)
     assert abs(packed_psnr.mean().item() - summary["mean_psnr"]) < 1e-3

@@ -96,7 +96,7 @@ def test_pack_keeps_final_checkpoints_in_torch_layout(zoo):
 
     x = torch.randn(6, 1, 32, 32)
     batched = forward_zoo("small_cnn", packed.archs, torch.tensor(packed.arch_ids),
-                          torch.from_numpy(np.array(packed.weights)), x)  # (n, 6, 10)
+                          packed.weights[:], x)  # (n, 6, 10)
     for i, row in enumerate(final):
         ref = module_from_tf_row(weights_tf[row], acts[i])
         flat = torch.cat([p.flatten() for p in ref.state_dict().values()]).numpy()
@@ -149,7 +149,7 @@ def test_nonfinite_final_rows_are_dropped_and_counted(tmp_path):
     packed = load_packed(tmp_path / "packed")
     assert spec["dropped_nonfinite"] == 2 and spec["num_models"] == 3
     assert packed.meta["row"].tolist() == [5, 11, 14]
-    assert np.isfinite(packed.weights).all()
+    assert torch.isfinite(packed.weights[:]).all()
     with pytest.raises(ProbegenError, match=r"weights.npy:2: non-finite"):
         fmt.pack(tmp_path / "raw", tmp_path / "strict", nonfinite="error", progress=False)
     assert not (tmp_path / "strict").exists()

@@ -143,10 +143,14 @@ def test_pack_reproduces_every_model_and_its_recorded_accuracy(zoo, tmp_path):
     assert sorted(packed.meta["id"]) == sorted(records)
     n_max = max(sum(np.prod(s) for _, s in wp.param_shapes(a)) for a, _ in records.values())
     assert packed.weights.shape[1] == n_max
+    # Stored ragged: each model takes exactly its own parameter count on disk, no padding.
+    own = [sum(np.prod(s) for _, s in wp.param_shapes(records[i][0])) for i in packed.meta["id"]]
+    np.testing.assert_array_equal(np.diff(np.load(tmp_path / "packed" / "offsets.npy")), own)
+    assert np.load(tmp_path / "packed" / "weights.npy").shape == (sum(own),) and min(own) < n_max
 
     # One mixed batch of every architecture, in a scrambled order, through the shared dispatcher.
     order = torch.randperm(len(packed), generator=torch.Generator().manual_seed(0))
-    weights = torch.from_numpy(np.array(packed.weights))[order]
+    weights = packed.weights[order]
     arch_ids = torch.from_numpy(np.array(packed.arch_ids))[order]
     with torch.no_grad():
         logits = forward_zoo("wild_park", packed.archs, arch_ids, weights, eval_x)  # (N, 200, 10)
