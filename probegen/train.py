@@ -49,7 +49,7 @@ class _Split:
     copy. Otherwise each batch is read from the memmap."""
 
     def __init__(self, zoo, idx, device):
-        self.zoo, self.idx, self.device = zoo, np.asarray(idx, dtype=np.int64), device
+        self.zoo, self.idx, self.device = zoo, np.ascontiguousarray(idx, dtype=np.int64), device
         labels = np.asarray(zoo.labels)[self.idx].astype(np.int64 if zoo.task == "classification" else np.float32)
         self.labels = torch.from_numpy(labels).to(device)
         self.arch_ids = torch.from_numpy(zoo.arch_ids[self.idx]).to(device)

@@ -110,3 +110,14 @@ def test_bad_arguments():
     with pytest.raises(ProbegenError, match="device"):
         resolve_device("tpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_a_split_held_in_memory_gives_rows_as_wide_as_the_zoo():
+    # A mixed zoo whose largest model is not in this split: batches must still be (B, zoo D), what
+    # mlp's input layer and standardisation were built for.
+    archs = [{"in": 2, "hidden": 3, "out": 1}, {"in": 2, "hidden": 9, "out": 1}]
+    zoo = make_zoo("tiny_mlp", archs, 20, arch_ids=[0] * 19 + [1])
+    data = _Split(zoo, np.arange(19)[::-1], torch.device("cpu"))
+    w, a, _ = data.batch(torch.tensor([0, 5]))
+    assert data.weights is not None and w.shape == (2, zoo.weights.shape[1])
+    assert torch.equal(w, zoo.weights[[18, 13]]) and a.tolist() == [0, 0]

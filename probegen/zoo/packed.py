@@ -38,14 +38,16 @@ class ZooRows:
     """Models of different sizes stored back to back, read as zero-padded rows.
 
     flat (T,) float32 and offsets (N + 1,) int64 tensors, on any device (a CPU memmap or the GPU).
-    rows[idx] -> (len(idx), D), rows[i] -> (D,), D = the largest model. No Python loop over models.
+    rows[idx] -> (len(idx), D), rows[i] -> (D,). No Python loop over models. D = width: by default the
+    largest model; a subset made by select() keeps its zoo's D, which is what the methods are built for.
     """
 
-    def __init__(self, flat, offsets):
+    def __init__(self, flat, offsets, width=None):
         self.flat, self.offsets = flat, offsets
         self.sizes = offsets[1:] - offsets[:-1]  # (N,) parameters per model
-        width = int(self.sizes.max()) if len(self.sizes) else 0
-        self.shape = (len(self.sizes), width)
+        if width is None:
+            width = int(self.sizes.max()) if len(self.sizes) else 0
+        self.shape = (len(self.sizes), int(width))
         # All models the same size (the INR and Small CNN zoos): rows are plain slices of an (N, D) view.
         uniform = bool((self.sizes == width).all())
         self.matrix = flat[:self.shape[0] * width].view(self.shape) if uniform else None
@@ -75,15 +77,15 @@ class ZooRows:
         Gathered `chunk` models at a time, which bounds the index arrays _gather builds."""
         idx = self._positions(idx)
         values = torch.cat([self._gather(idx[s:s + chunk])[0] for s in range(0, len(idx), chunk)])
-        return ZooRows(values, torch.cat([idx.new_zeros(1), torch.cumsum(self.sizes[idx], 0)]))
+        return ZooRows(values, torch.cat([idx.new_zeros(1), torch.cumsum(self.sizes[idx], 0)]), self.shape[1])
 
     def to(self, device):
-        return ZooRows(self.flat.to(device), self.offsets.to(device))
+        return ZooRows(self.flat.to(device), self.offsets.to(device), self.shape[1])
 
     def _positions(self, idx):
         if isinstance(idx, slice):
             return torch.arange(*idx.indices(len(self)), device=self.flat.device)
-        idx = torch.as_tensor(np.asarray(idx) if not torch.is_tensor(idx) else idx)
+        idx = idx if torch.is_tensor(idx) else torch.as_tensor(np.ascontiguousarray(idx))
         if idx.dtype == torch.bool:
             idx = torch.nonzero(idx).squeeze(1)
         return idx.to(device=self.flat.device, dtype=torch.long)

@@ -5,67 +5,21 @@ import io
 import json
 import os
 import tarfile
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from http_fixture import serve
 from probegen.errors import ProbegenError
 from probegen.zoo.download import direct_url, download, extract, fetch_zoo, sidecar_path
 
 
-# -----------------------------------------------------------------------------
-# a small file server: Range support, dropped connections, a mode that ignores Range
-
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        srv = self.server
-        data = srv.files.get(self.path.split("?")[0])
-        srv.requests.append((self.path, self.headers.get("Range")))
-        if data is None:
-            self.send_error(404)
-            return
-        start, asked = 0, self.headers.get("Range")
-        if asked and not srv.ignore_range:
-            start = int(asked.removeprefix("bytes=").split("-")[0])
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if srv.drops > 0:  # promise the whole body, send half, hang up
-            srv.drops -= 1
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.files, srv.requests, srv.drops, srv.ignore_range = {}, [], 0, False
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serve() as srv:
+        yield srv
 
 
 def payload(n=3_000_000, seed=0):

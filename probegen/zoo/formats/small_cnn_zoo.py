@@ -193,7 +193,7 @@ def pack(raw_dir, out_dir, *, final_step=86, nonfinite="drop", progress=True, ro
     Returns the spec, plus `peak_rss_mb` of this process (kept out of spec.json: it is not a property
     of the data).
     """
-    raw_dir = Path(raw_dir)
+    raw_dir = zoo_folder(Path(raw_dir))
     for name in FILES:
         if not (raw_dir / name).is_file():
             raise ProbegenError(f"{raw_dir / name}: missing (a Small CNN Zoo folder has {', '.join(FILES)})")
@@ -219,6 +219,18 @@ def pack(raw_dir, out_dir, *, final_step=86, nonfinite="drop", progress=True, ro
             writer.add(chunk, labels, meta,
                        archs[start:start + CHUNK_ROWS], [f"weights.npy:{i}" for i in idx])
     return {**read_json(Path(out_dir) / "spec.json"), "peak_rss_mb": peak_rss_mb()}
+
+
+def zoo_folder(raw_dir):
+    """The folder holding weights.npy: raw_dir itself, or the one folder inside it that does (the
+    published cifar10.tar.xz unpacks into a top-level cifar10/)."""
+    if (raw_dir / "weights.npy").exists():
+        return raw_dir
+    found = sorted({p.parent for p in raw_dir.rglob("weights.npy")})
+    if len(found) > 1:
+        raise ProbegenError(f"{raw_dir}: several Small CNN Zoo folders ({', '.join(map(str, found))}); "
+                            f"keep one per zoo")
+    return found[0] if found else raw_dir
 
 
 def _open_weights(path):

@@ -115,6 +115,16 @@ def test_final_step_and_explicit_rows(zoo):
         fmt.pack(tmp_path / "raw", tmp_path / "other", rows=[2, 99], progress=False)
 
 
+def test_the_published_top_level_folder_is_found(tmp_path):
+    # cifar10.tar.xz unpacks into cifar10/: the raw folder holds the zoo one level down.
+    make_zoo(tmp_path / "raw" / "cifar10")
+    fmt.pack(tmp_path / "raw", tmp_path / "packed", progress=False)
+    assert load_packed(tmp_path / "packed").meta["row"].tolist() == [2, 5, 8, 11, 14]
+    make_zoo(tmp_path / "raw" / "copy")
+    with pytest.raises(ProbegenError, match=r"raw: several Small CNN Zoo folders"):
+        fmt.pack(tmp_path / "raw", tmp_path / "other", progress=False)
+
+
 def test_final_step_none_takes_each_runs_last_checkpoint(tmp_path):
     weights_tf, metrics = make_zoo(tmp_path / "raw")
     keep = metrics.index != 14  # run 4 lost its last checkpoint: its step 43 is its last
