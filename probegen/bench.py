@@ -26,9 +26,8 @@ from probegen.methods import build_method
 from probegen.nets import forward_zoo, get_family
 from probegen.train import resolve_device
 from probegen.nets.siren import DWSNETS_ARCH
-from probegen.scale import full_scale_report, synthetic_zoo
+from probegen.scale import full_scale_report, synthetic_zoo, wild_park_padding_cost
 from probegen.zoo.packed import load_packed
-
 
 
 def digits_inr_zoo():
@@ -143,6 +142,7 @@ def main(argv=None):
     if args.scale == "full":
         for zoo, values in full_scale_report(device).items():
             report(f"full scale: {zoo}", values)
+        report("Wild Park: grouping by architecture vs zero-padding to one", wild_park_padding_cost(device))
     if args.pipeline:
         report("pipeline (fresh clone of HEAD)", pipeline_times())
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from probegen.methods import build_method
-from probegen.nets import num_params
+from probegen.nets import forward_zoo, num_params
 from probegen.nets.siren import DWSNETS_ARCH
 from probegen.nets.small_cnn import zoo_arch
 from probegen.zoo.packed import PackedZoo, ragged
@@ -94,6 +94,36 @@ def steps_per_second(zoo, device, num_probes=128, batch=32, steps=10):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return steps / (time.perf_counter() - start)
+
+
+def wild_park_padding_cost(device, num_probes=128, batch=32):
+    """Seconds per forward + backward (to the probes) of one Wild Park batch, two ways: grouped by
+    architecture, as forward_zoo runs it (in this zoo nearly every run has its own architecture, so a
+    batch is ~one grouped call per model), and every model at the largest shape the sampler draws (5
+    layers, 32 channels, 7x7 kernels), which is what exact zero-padding to one architecture would cost.
+    Random weights: only the cost is measured."""
+    archs = wild_park_archs(200)
+    ids = np.random.default_rng(0).integers(0, len(archs), batch)
+    zoo = synthetic_zoo("wild_park", archs, ids, "regression")
+    L = max(len(a["channels"]) for a in archs)
+    widest = {**archs[0], "channels": [32] * L, "kernel_size": [7] * L, "stride": [1] * L, "padding": [3] * L,
+              "residual": [-1] * L, "activation": ["relu"] * L}
+    padded = synthetic_zoo("wild_park", [widest], np.zeros(batch, dtype=np.int64), "regression")
+    x = torch.randn(num_probes, 3, 32, 32, device=device, requires_grad=True)
+
+    def seconds(archs, ids, weights):
+        ids, weights = torch.tensor(ids).to(device), weights.to(device)
+        for timed in (False, True):  # a warm-up, then one timed pass
+            start = time.perf_counter()
+            forward_zoo("wild_park", archs, ids, weights, x).sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    grouped = seconds(archs, ids, zoo.weights[:])
+    zero_padded = seconds([widest], padded.arch_ids, padded.weights[:])
+    return {"distinct_archs_in_batch": len(set(ids.tolist())), "grouped_s": grouped,
+            "zero_padded_s": zero_padded, "zero_padded_over_grouped": zero_padded / grouped}
 
 
 def full_scale_report(device):
