@@ -55,7 +55,8 @@ def load_row(module, row):
     """Fill a freshly built reference module from one packed row (numpy or tensor, possibly zero-padded on
     the right): the row is its parameters flattened in state_dict order."""
     n = sum(p.numel() for p in module.parameters())
-    row = torch.tensor(np.asarray(row[:n], dtype=np.float32))  # a copy: rows may be read-only memmaps
+    row = torch.as_tensor(np.asarray(row[:n])) if not torch.is_tensor(row) else row[:n]
+    row = row.detach().to("cpu", torch.float32, copy=True)  # a copy: rows may be read-only memmaps
     torch.nn.utils.vector_to_parameters(row, module.parameters())
     return module
 

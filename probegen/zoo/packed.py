@@ -19,6 +19,7 @@ Models are written in chunks through PackedWriter, so packing 70,000 checkpoints
 """
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,8 @@ class ZooRows:
         self.shape = (len(self.sizes), int(width))
         # All models the same size (the INR and Small CNN zoos): rows are plain slices of an (N, D) view.
         uniform = bool((self.sizes == width).all())
-        self.matrix = flat[:self.shape[0] * width].view(self.shape) if uniform else None
+        start = int(offsets[0]) if len(offsets) else 0
+        self.matrix = flat[start:start + self.shape[0] * width].view(self.shape) if uniform else None
 
     def __len__(self):
         return self.shape[0]
@@ -61,7 +63,7 @@ class ZooRows:
         return int(self.offsets[-1]) * self.flat.element_size()
 
     def __getitem__(self, idx):
-        if isinstance(idx, (int, np.integer)):
+        if np.ndim(idx) == 0 and not isinstance(idx, slice):  # one model -> (D,)
             return self[[int(idx)]][0]
         idx = self._positions(idx)
         if self.matrix is not None:
@@ -76,19 +78,37 @@ class ZooRows:
         """Models idx (in that order) as a new, compact ZooRows: a split held in memory stays ragged.
         Gathered `chunk` models at a time, which bounds the index arrays _gather builds."""
         idx = self._positions(idx)
-        values = torch.cat([self._gather(idx[s:s + chunk])[0] for s in range(0, len(idx), chunk)])
-        return ZooRows(values, torch.cat([idx.new_zeros(1), torch.cumsum(self.sizes[idx], 0)]), self.shape[1])
+        sizes = self.sizes[idx]  # (B,)
+        if self.matrix is not None:
+            values = self.matrix[idx].reshape(-1)
+        else:
+            values = self.flat.new_empty(int(sizes.sum()))
+            at = 0
+            for s in range(0, len(idx), chunk):
+                part = self._gather(idx[s:s + chunk])[0]
+                values[at:at + len(part)] = part
+                at += len(part)
+        return ZooRows(values, torch.cat([idx.new_zeros(1), torch.cumsum(sizes, 0)]), self.shape[1])
 
     def to(self, device):
         return ZooRows(self.flat.to(device), self.offsets.to(device), self.shape[1])
 
     def _positions(self, idx):
+        """Any index (slice, ints, bool mask; numpy, list or tensor) -> (B,) long tensor in [0, N)."""
         if isinstance(idx, slice):
             return torch.arange(*idx.indices(len(self)), device=self.flat.device)
         idx = idx if torch.is_tensor(idx) else torch.as_tensor(np.ascontiguousarray(idx))
         if idx.dtype == torch.bool:
+            if idx.shape != (len(self),):
+                raise IndexError(f"boolean index of shape {tuple(idx.shape)} for {len(self)} models")
             idx = torch.nonzero(idx).squeeze(1)
-        return idx.to(device=self.flat.device, dtype=torch.long)
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dim() != 1:
+            raise IndexError(f"model indices must be a 1-D integer array, got {idx.dtype} {tuple(idx.shape)}")
+        idx = idx.to(device=self.flat.device, dtype=torch.long)
+        idx = torch.where(idx < 0, idx + len(self), idx)  # numpy's negative indices
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"model index out of range for {len(self)} models")
+        return idx
 
     def _gather(self, idx):
         """(B,) model indices -> (their parameters back to back (sum of sizes,), sizes (B,))."""
@@ -143,8 +163,7 @@ def load_packed(root):
     for name in ("weights.npy", "offsets.npy", "labels.npy", "meta.csv", "spec.json"):
         if not (root / name).exists():
             raise ProbegenError(f"{root / name}: missing; run the pack stage first")
-    # Copy-on-write mapping: torch wants a writable array; nothing is ever written back to the file.
-    flat = np.load(root / "weights.npy", mmap_mode="c")
+    flat = np.load(root / "weights.npy", mmap_mode="r")
     offsets = np.load(root / "offsets.npy")
     labels = np.load(root / "labels.npy")
     meta = pd.read_csv(root / "meta.csv", keep_default_na=False)
@@ -157,7 +176,9 @@ def load_packed(root):
     if not (len(offsets) - 1 == len(labels) == len(meta)):
         raise ProbegenError(f"{root}: offsets, labels and meta disagree on N "
                             f"({len(offsets) - 1}, {len(labels)}, {len(meta)})")
-    weights = ZooRows(torch.from_numpy(flat), torch.from_numpy(offsets))
+    with warnings.catch_warnings():  # a read-only memmap: torch warns that it is not writable, and never writes
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        weights = ZooRows(torch.from_numpy(flat), torch.from_numpy(offsets))
     return PackedZoo(root, weights, labels, meta, spec)
 
 
@@ -186,7 +207,7 @@ class PackedWriter:
         self.tmp = self._ctx.__enter__()
         self.flat = np.lib.format.open_memmap(self.tmp / "weights.npy", mode="w+", dtype=np.float32,
                                               shape=(self.total_params,))
-        self.offsets, self.labels, self.meta, self.arch_keys, self.archs, self.arch_sizes = [0], [], [], {}, [], []
+        self.offsets, self.labels, self.meta, self.arch_keys, self.archs, self.arch_sizes = [0], [], [], {}, [], {}
         self.dropped = []
 
     def add(self, rows, labels, meta_rows, archs, sources):
@@ -194,12 +215,11 @@ class PackedWriter:
         if not (len(rows) == len(labels) == len(meta_rows) == len(archs) == len(sources)):
             raise ProbegenError(f"{sources[0]}: chunk lengths disagree")
         labels = np.asarray(labels, dtype=np.float64)
-        arch_ids = [self._arch_index(arch) for arch in archs]
         keep = []
         for i, row in enumerate(rows):
-            if row.size != self.arch_sizes[arch_ids[i]]:
-                raise ProbegenError(f"{sources[i]}: {row.size} parameters, but its architecture has "
-                                    f"{self.arch_sizes[arch_ids[i]]}")
+            expected = self._arch_size(archs[i])
+            if row.size != expected:
+                raise ProbegenError(f"{sources[i]}: {row.size} parameters, but its architecture has {expected}")
             if np.isfinite(row).all() and np.isfinite(labels[i]):
                 keep.append(i)
             elif self.nonfinite == "error":
@@ -210,7 +230,7 @@ class PackedWriter:
             self._append([rows[i] for i in keep], [sources[i] for i in keep])
         for i in keep:
             self.labels.append(labels[i])
-            self.meta.append({"id": sources[i], "arch": arch_ids[i], **meta_rows[i]})
+            self.meta.append({"id": sources[i], "arch": self._arch_index(archs[i]), **meta_rows[i]})
 
     def _append(self, rows, sources):
         start, count = self.offsets[-1], len(self.offsets) - 1
@@ -222,15 +242,30 @@ class PackedWriter:
         self.flat[start:ends[-1]] = np.concatenate(rows)
         self.offsets.extend(int(e) for e in ends)
 
+    def _arch_size(self, arch):
+        key = json.dumps(arch, sort_keys=True)
+        if key not in self.arch_sizes:
+            self.arch_sizes[key] = num_params(self.spec["family"], arch)
+        return self.arch_sizes[key]
+
     def _arch_index(self, arch):
+        """Index of arch in spec["archs"], which lists the architectures of the models kept."""
         key = json.dumps(arch, sort_keys=True)
         if key not in self.arch_keys:
             self.arch_keys[key] = len(self.archs)
             self.archs.append(arch)
-            self.arch_sizes.append(num_params(self.spec["family"], arch))
         return self.arch_keys[key]
 
     def close(self):
+        try:
+            spec = self._finish()
+        except BaseException as err:  # e.g. no usable models: leave no temporary folder behind
+            self._abort(type(err), err, err.__traceback__)
+            raise
+        self._ctx.__exit__(None, None, None)
+        return spec
+
+    def _finish(self):
         count = len(self.offsets) - 1
         if count == 0:
             raise ProbegenError(f"{self.out_dir}: no usable models")
@@ -243,8 +278,12 @@ class PackedWriter:
         pd.DataFrame(self.meta).to_csv(self.tmp / "meta.csv", index=False)
         spec = {**self.spec, "archs": self.archs, "num_models": count, "dropped_nonfinite": len(self.dropped)}
         (self.tmp / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
-        self._ctx.__exit__(None, None, None)
         return spec
+
+    def _abort(self, *exc_info):
+        if hasattr(self, "flat"):
+            del self.flat  # release the mapping before the folder goes
+        self._ctx.__exit__(*exc_info)
 
     def __enter__(self):
         return self
@@ -253,9 +292,7 @@ class PackedWriter:
         if exc_type is None:
             self.close()
         else:
-            if hasattr(self, "flat"):
-                del self.flat
-            self._ctx.__exit__(exc_type, exc, tb)
+            self._abort(exc_type, exc, tb)
         return False
 
 

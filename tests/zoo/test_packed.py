@@ -126,3 +126,39 @@ def test_inconsistent_offsets_are_one_clear_error(tmp_path, offsets):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ProbegenError, match=r"weights.npy: missing"):
         load_packed(tmp_path)
+
+
+@pytest.mark.parametrize("sizes", [[3, 5, 2, 5], [4, 4, 4, 4]])  # the ragged path and the uniform view
+def test_indexing_follows_numpy(sizes):
+    rows = ragged(np.arange(1, sum(sizes) + 1, dtype=np.float32), sizes)
+    padded = rows[:].numpy()
+    for idx in ([0, -2], [-1], [3, 3, 0], np.array([2, 1]), torch.tensor([1, -4]), slice(None, None, 2)):
+        np.testing.assert_array_equal(rows[idx].numpy(), padded[idx if not torch.is_tensor(idx) else idx.numpy()])
+    np.testing.assert_array_equal(rows[-1].numpy(), padded[-1])
+    np.testing.assert_array_equal(rows[np.int64(2)].numpy(), padded[2])
+    np.testing.assert_array_equal(rows.select([-1, 0])[:].numpy(), padded[[-1, 0]])
+    for bad in ([4], [-5], np.array([1.7]), np.array([True, False])):
+        with pytest.raises(IndexError):
+            rows[bad]
+
+
+def test_a_view_whose_offsets_do_not_start_at_zero():
+    rows = ZooRows(torch.arange(12.0), torch.tensor([3, 6, 9, 12]))  # three models of 3, after 3 others
+    assert rows[0].tolist() == [3, 4, 5] and rows[[2]].tolist() == [[9, 10, 11]]
+
+
+def test_archs_of_dropped_models_are_not_listed(tmp_path):
+    small, big = {"in": 1, "hidden": 1, "out": 1}, {"in": 2, "hidden": 3, "out": 1}  # 4 and 13 parameters
+    bad = np.full(13, np.nan, np.float32)
+    with PackedWriter(tmp_path / "zoo", capacity=3, total_params=21, spec=SPEC, nonfinite="drop") as w:
+        w.add([np.ones(4), bad, np.ones(4)], [0, 1, 2], [{}] * 3, [small, big, small], ["a", "b", "c"])
+    zoo = load_packed(tmp_path / "zoo")
+    assert zoo.archs == [small] and list(zoo.arch_ids) == [0, 0] and zoo.weights.shape == (2, 4)
+
+
+def test_no_usable_model_leaves_no_temporary_folder(tmp_path):
+    writer = PackedWriter(tmp_path / "zoo", capacity=1, total_params=D5, spec=SPEC, nonfinite="drop")
+    writer.add([np.full(D5, np.nan)], [0], [{}], [ARCH5], ["m0"])
+    with pytest.raises(ProbegenError, match="no usable models"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []  # cleaned up by close(), not by the writer's garbage collection
