@@ -4,7 +4,7 @@
       weights.npy   float32 [T], memory-mapped: every model's parameters back to back. Model i's are
                     weights[offsets[i]:offsets[i+1]], flattened in the order and layout of its reference
                     nn.Module's state_dict (PyTorch layout). Stored ragged, so a zoo of mixed sizes costs
-                    its real parameter count (CNN Wild Park: ~8 GB, not the 60-80 GB of padding every
+                    its real parameter count (CNN Wild Park: ~7.6 GB, not the ~61 GB of padding every
                     model to the largest).
       offsets.npy   int64 [N + 1], offsets[0] = 0, offsets[N] = T
       labels.npy    [N] int64 (classification) or float32 (regression)
@@ -191,8 +191,8 @@ class PackedWriter:
     capacity and total_params bound the models and their parameters together (the weights file is
     preallocated, then trimmed). rows: an (n, d) array, or n flat arrays, each exactly its architecture's
     parameter count (spec["family"] says how to count). `sources` name each model's file (or file + row)
-    for error messages. With nonfinite="error" a model with NaN/inf weights
-    raises ProbegenError naming its source; with "drop" it is skipped and counted.
+    for error messages. With nonfinite="error" a model with NaN/inf weights raises ProbegenError naming
+    its source; with "drop" it is skipped and counted.
     """
 
     def __init__(self, out_dir, capacity, total_params, spec, nonfinite="error"):

@@ -14,8 +14,8 @@ split file (cnn_park_splits.json, {split: {path, score, step}}) names them.
 Packing takes two passes over the files. The first reads only configs and tensor shapes (memory-mapped
 loads touch no tensor data), so every bad file is reported before anything is written and the total
 parameter count is known; the second streams the weights through PackedWriter in chunks of about 64 MB.
-The packed zoo is ragged (each model stores its own parameter count): all 117k models take ~8 GB, where
-zero-padding every model to the largest would take 60-80 GB.
+The packed zoo is ragged (each model stores its own parameter count): all 117k models take ~7.6 GB, where
+zero-padding every model to the largest would take ~61 GB.
 """
 
 import _compat_pickle
