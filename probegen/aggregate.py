@@ -139,18 +139,11 @@ def learned_probes(zoo_name, method, seed, root="."):
 
 def plot_inr_probes(probes, zoo, path, title):
     """INR probes are 2-D coordinates: scatter them over the zoo's mean image (its INRs rendered)."""
-    from probegen.nets import forward_zoo
-    from probegen.nets.siren import grid_coords
+    from probegen.patching.probers import mean_inr_image
 
-    side = 28
-    idx = np.arange(0, len(zoo), max(1, len(zoo) // 256))
-    with torch.no_grad():
-        img = forward_zoo(zoo.family, zoo.archs, torch.as_tensor(zoo.arch_ids[idx]),
-                          zoo.weights[idx], grid_coords(side))  # (b, side*side, 1)
-    mean = img.mean(0).reshape(side, side).numpy()
     fig, ax = plt.subplots(figsize=(4, 4))
     # grid_coords entry k is (x = lin[k % side], y = lin[k // side]): rows of the image are y, downwards.
-    ax.imshow(mean, cmap="gray", extent=(-1, 1, 1, -1))
+    ax.imshow(mean_inr_image(zoo), cmap="gray", extent=(-1, 1, 1, -1))
     ax.scatter(probes[:, 0], probes[:, 1], s=10, c="C1")
     ax.set_xlim(-1.5, 1.5)
     ax.set_ylim(1.5, -1.5)

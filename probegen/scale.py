@@ -77,7 +77,7 @@ def steps_per_second(zoo, device, num_probes=128, batch=32, steps=10):
 
     def step():
         idx = torch.randint(0, len(zoo), (batch,), generator=gen).numpy()
-        w = torch.as_tensor(zoo.weights[idx]).to(device)
+        w = zoo.weights[idx].to(device)
         y = torch.as_tensor(zoo.labels[idx]).to(device)
         out = method(w, torch.as_tensor(zoo.arch_ids[idx]).to(device))
         loss = F.mse_loss(out.float(), y.float()) if regression else F.cross_entropy(out.float(), y.long())

@@ -576,7 +576,8 @@ def plot_selected(all_probes, probes, zoo, path, zoo_name, max_show=32):
         _plot_images(all_probes, sel, path, title)
 
 
-def _mean_image(zoo, side=28, n=256):
+def mean_inr_image(zoo, side=28, n=256):
+    """The mean of up to n of the zoo's INRs rendered on a side x side grid -> (side, side) array."""
     from probegen.nets import forward_zoo
     from probegen.nets.siren import grid_coords
 
@@ -590,7 +591,7 @@ def _mean_image(zoo, side=28, n=256):
 def _plot_coords(all_probes, sel, zoo, path, title):
     fig, ax = plt.subplots(figsize=(4.4, 4.4))
     # grid_coords entry k is (x = lin[k % side], y = lin[k // side]): image rows are y, downwards.
-    ax.imshow(_mean_image(zoo), cmap="gray", extent=(-1, 1, 1, -1))
+    ax.imshow(mean_inr_image(zoo), cmap="gray", extent=(-1, 1, 1, -1))
     ax.scatter(all_probes[:, 0], all_probes[:, 1], s=6, c="C0", alpha=0.4, label="all probes")
     ax.scatter(all_probes[sel, 0], all_probes[sel, 1], s=22, c="C1", label="selected")
     for rank, k in enumerate(sel):

@@ -80,12 +80,17 @@ def test_complement_of_a_node_is_activation_patching(dag, inputs):
             assert torch.equal(p.output(node_patch(g, node)), activation_patch(g, x_r, x_c, node)), node
 
 
-def test_complement_of_a_head_is_activation_patching_in_a_transformer():
-    torch.manual_seed(0)
+def tiny_transformer_patcher(seed, batch):
+    """A random 2-layer, 2-head attention-only transformer (float64) and a Patcher on random token pairs."""
+    torch.manual_seed(seed)
     model = AttnOnlyTransformer(TransformerConfig(vocab=10, seq_len=8, d_model=16, n_heads=2, d_head=8)).double()
     g = model.patch_graph()
-    x_r, x_c = torch.randint(0, 10, (6, 8)), torch.randint(0, 10, (6, 8))
-    p = Patcher(g, x_r, x_c)
+    x_r, x_c = torch.randint(0, 10, (batch, 8)), torch.randint(0, 10, (batch, 8))
+    return g, x_r, x_c, Patcher(g, x_r, x_c)
+
+
+def test_complement_of_a_head_is_activation_patching_in_a_transformer():
+    g, x_r, x_c, p = tiny_transformer_patcher(seed=0, batch=6)
     for node in ["emb", "0.0", "0.1", "1.0", "1.1", "out"]:
         assert torch.equal(p.output(node_patch(g, node)), activation_patch(g, x_r, x_c, node)), node
 
@@ -144,11 +149,7 @@ def test_fast_engine_equals_brute_force_treeification(dag, inputs):
 
 
 def test_fast_engine_equals_brute_force_on_a_transformer():
-    torch.manual_seed(1)
-    model = AttnOnlyTransformer(TransformerConfig(vocab=10, seq_len=8, d_model=16, n_heads=2, d_head=8)).double()
-    g = model.patch_graph()
-    x_r, x_c = torch.randint(0, 10, (3, 8)), torch.randint(0, 10, (3, 8))
-    p = Patcher(g, x_r, x_c)
+    g, _, _, p = tiny_transformer_patcher(seed=1, batch=3)
     paths, rng = all_paths(g), random.Random(1)
     hyps = [Hypothesis(tuple(rng.sample(paths, k))) for k in (1, 3, 10, 25, 45)]
     for h, out in zip(hyps, p.outputs(hyps)):
