@@ -7,7 +7,6 @@ A zoo is separable by construction: each model's output bias b2 / b encodes its 
 (probing or weight-space) can learn it.
 """
 
-import math
 import types
 from pathlib import Path
 
@@ -15,45 +14,37 @@ import numpy as np
 import pandas as pd
 import torch
 
+from probegen.nets.layout import Layer, Layout
 from probegen.zoo.packed import PackedZoo, ragged
 
 
-def _mlp_shapes(arch):
+def _mlp_layout(arch):
     i, h, o = arch["in"], arch["hidden"], arch["out"]
-    return [("l1.weight", (h, i)), ("l1.bias", (h,)), ("l2.weight", (o, h)), ("l2.bias", (o,))]
-
-
-def _split(shapes, weights):
-    out, start = [], 0
-    for _, shape in shapes:
-        size = math.prod(shape)
-        out.append(weights[:, start:start + size].reshape(weights.shape[0], *shape))
-        start += size
-    return out
+    return Layout([Layer("l1", "linear", (h, i), "tanh"), Layer("l2", "linear", (o, h))])
 
 
 def _mlp_forward(arch, weights, x):
-    W1, b1, W2, b2 = _split(_mlp_shapes(arch), weights)
+    (W1, b1), (W2, b2) = _mlp_layout(arch).split(weights)
     h = torch.tanh(torch.einsum("ki,bhi->bkh", x, W1) + b1[:, None])  # (B, K, h)
     return torch.einsum("bkh,boh->bko", h, W2) + b2[:, None]  # (B, K, out)
 
 
-def _image_shapes(arch):
-    return [("fc.weight", (arch["out"], arch["channels"])), ("fc.bias", (arch["out"],))]
+def _image_layout(arch):
+    return Layout([Layer("fc", "linear", (arch["out"], arch["channels"]))])
 
 
 def _image_forward(arch, weights, x):
-    W, b = _split(_image_shapes(arch), weights)
+    ((W, b),) = _image_layout(arch).split(weights)
     pooled = x.mean((2, 3))  # (K, C)
     return torch.einsum("kc,boc->bko", pooled, W) + b[:, None]
 
 
 TINY_MLP = types.SimpleNamespace(
     input_shape=lambda arch: (arch["in"],), output_dim=lambda arch: arch["out"],
-    param_shapes=_mlp_shapes, forward=_mlp_forward)
+    layout=_mlp_layout, forward=_mlp_forward)
 TINY_IMAGE = types.SimpleNamespace(
     input_shape=lambda arch: (arch["channels"], 32, 32), output_dim=lambda arch: arch["out"],
-    param_shapes=_image_shapes, forward=_image_forward)
+    layout=_image_layout, forward=_image_forward)
 
 
 def register_tiny(monkeypatch):
@@ -69,11 +60,12 @@ def family(name):
 
 
 def num_params(name, arch):
-    return sum(math.prod(s) for _, s in family(name).param_shapes(arch))
+    return family(name).layout(arch).num_params
 
 
-def make_zoo(family_name, archs, n, task="classification", num_classes=3, seed=0, arch_ids=None, signal=1.0):
-    """n random models; label-dependent output bias. Stored ragged, as a packed zoo is."""
+def make_zoo(family_name, archs, n, task="classification", num_classes=3, seed=0, arch_ids=None, signal=1.0,
+             std=0.5):
+    """n random models (weights N(0, std)); label-dependent output bias. Stored ragged, as a packed zoo is."""
     rng = np.random.default_rng(seed)
     arch_ids = np.asarray(arch_ids if arch_ids is not None else np.arange(n) % len(archs), dtype=np.int64)
     fam = family(family_name)
@@ -87,7 +79,7 @@ def make_zoo(family_name, archs, n, task="classification", num_classes=3, seed=0
         target = labels * 3
     for i, a in enumerate(arch_ids):
         d = sizes[a]
-        row = rng.normal(0, 0.5, d).astype(np.float32)
+        row = rng.normal(0, std, d).astype(np.float32)
         out = fam.output_dim(archs[a])
         row[d - out:] = signal * target[i] + rng.normal(0, 0.1, out)  # the output bias is last
         rows.append(row)

@@ -1,4 +1,6 @@
-"""Every predictor behind one interface, by name. Adding a method = one new module + one import below.
+"""Every predictor behind one interface, by name. Adding a method = one new module probegen/methods/<name>.py
+that registers itself with @register("<name>", kind), plus its params.yaml entry `method.<name>`. Modules are
+discovered, not listed, so adding one changes no file that other methods' DVC stages depend on.
 
     build_method(name, zoo, cfg, num_probes=..., probe_pool=..., seed=...) -> Method (an nn.Module)
 
@@ -6,6 +8,9 @@
 and ignores the training keys that probegen.train reads; any other key is an error (a typo otherwise
 silently falls back to a default).
 """
+
+import importlib
+import pkgutil
 
 import torch
 
@@ -21,6 +26,10 @@ def register(name, kind):
         raise ValueError(f"method kind must be one of {KINDS}, got {kind!r}")
 
     def deco(cls):
+        module = cls.__module__
+        if module.startswith(f"{__name__}.") and module.rsplit(".", 1)[1] != name:
+            # DVC stages depend on probegen/methods/<name>.py: the file must be named after the method
+            raise ValueError(f"method {name!r} must live in probegen/methods/{name}.py, not {module}")
         cls.name, cls.kind = name, kind
         METHODS[name] = cls
         return cls
@@ -47,5 +56,14 @@ def build_method(name, zoo, cfg, *, num_probes, probe_pool=None, seed=0):
     return METHODS[name](zoo, own, num_probes=num_probes, probe_pool=probe_pool)
 
 
-# Importing a method module registers it.
-from probegen.methods import mlp, probegen, statnn, synthetic, vanilla  # noqa: E402, F401
+SHARED = ("base", "classifier")  # what methods import; every other module here is one method
+
+
+def _discover():
+    # Importing a method module registers it.
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in SHARED and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_discover()

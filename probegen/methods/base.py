@@ -20,6 +20,9 @@ class Method(nn.Module):
     name = None  # set by @register
     kind = None  # "probe" | "weights", set by @register
     defaults = {"hidden": 256, "layers": 6}  # the cfg keys a method reads, with their defaults
+    # Predictions unchanged when a model's hidden units are permuted within its layout's symmetry (tested
+    # for every method and family); probing methods are by construction, since the function is the same.
+    invariant = True
 
     def __init__(self, zoo, cfg):
         super().__init__()

@@ -13,6 +13,7 @@ from probegen.methods.classifier import Classifier
 @register("mlp", "weights")
 class MLP(Method):
     defaults = {**Method.defaults, "standardize": True}
+    invariant = False  # reads every weight at its position: a permuted network is a different input
 
     def __init__(self, zoo, cfg, num_probes=None, probe_pool=None):
         super().__init__(zoo, cfg)

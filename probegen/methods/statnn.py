@@ -1,6 +1,6 @@
 """StatNN: 7 statistics of every weight and bias tensor [mean, var, q0, q.25, q.5, q.75, q1], then an MLP.
 
-Tensors follow the family's param_shapes order; architectures with fewer tensors are zero-padded to the
+Tensors follow the architecture's declared layout (weight then bias per layer); architectures with fewer tensors are zero-padded to the
 largest count (as Neural Graphs pads). var is unbiased (torch.var, as Neural Graphs), 0 for one-element
 tensors. Features are standardised with train-set statistics. Computed for the whole batch at once: one
 vectorised call per tensor and architecture present, never per model.
@@ -8,14 +8,12 @@ vectorised call per tensor and architecture present, never per model.
 cfg: hidden (256), layers (6), standardize (true).
 """
 
-import math
-
 import torch
 
 from probegen.methods import register
 from probegen.methods.base import Method, iter_rows, standardize_stats
 from probegen.methods.classifier import Classifier
-from probegen.nets import get_family
+from probegen.nets import get_layout, per_layer
 
 NUM_STATS = 7
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -27,9 +25,7 @@ class StatNN(Method):
 
     def __init__(self, zoo, cfg, num_probes=None, probe_pool=None):
         super().__init__(zoo, cfg)
-        fam = get_family(self.family)
-        self.slices = [_slices(fam.param_shapes(a)) for a in self.archs]  # per arch: [(start, size)]
-        self.num_features = NUM_STATS * max(len(s) for s in self.slices)
+        self.num_features = NUM_STATS * max(len(get_layout(self.family, a).param_shapes) for a in self.archs)
         self.register_buffer("mean", torch.zeros(self.num_features))
         self.register_buffer("std", torch.ones(self.num_features))
         self.head = Classifier(self.num_features, self.out_dim, cfg["hidden"], cfg["layers"])
@@ -38,9 +34,8 @@ class StatNN(Method):
         """(B, D), (B,) -> (B, 7 * max_tensors) raw statistics, tensor by tensor."""
         out = weights.new_zeros(len(weights), self.num_features)
         q = torch.tensor(QUANTILES, dtype=weights.dtype, device=weights.device)
-        for a in torch.unique(arch_ids).tolist():
-            rows = torch.nonzero(arch_ids == a).squeeze(1)
-            feats = [_tensor_stats(weights[rows, start:start + size], q) for start, size in self.slices[a]]
+        for _, rows, _, layers in per_layer(self.family, self.archs, weights, arch_ids):
+            feats = [_tensor_stats(t.flatten(1), q) for W, b in layers for t in (W, b)]
             feats = torch.cat(feats, 1)  # (b, 7 * tensors)
             out[rows, :feats.shape[1]] = feats
         return out
@@ -58,15 +53,6 @@ class StatNN(Method):
 
     def flops_per_model(self):
         return self.head.flops()
-
-
-def _slices(param_shapes):
-    out, start = [], 0
-    for _, shape in param_shapes:
-        size = math.prod(shape)
-        out.append((start, size))
-        start += size
-    return out
 
 
 def _tensor_stats(t, q):

@@ -1,17 +1,19 @@
-"""Architecture families: a batched functional forward for all models of a zoo batch at once.
+"""Architecture families: the declared weight structure and a batched forward for all models at once.
 
 A family module (siren.py, small_cnn.py, wild_park.py) defines, for an `arch` dict from spec["archs"]:
 
+    layout(arch) -> Layout                     the layers, their shapes, activations and symmetries
+                                               (probegen/nets/layout.py); param_shapes and every per-layer
+                                               view derive from it
     input_shape(arch) -> tuple                 one probe's shape, e.g. (2,) or (1, 32, 32)
     output_dim(arch) -> int                    e.g. 1 for an INR, 10 logits for a CNN
-    param_shapes(arch) -> [(name, shape)]      the reference module's state_dict, in packed order
     forward(arch, weights, x) -> (B, K, out)   weights (B, D >= num_params), x (K, *input_shape) shared
     reference_module(arch, row) -> nn.Module   one model rebuilt from a packed row (for tests)
 
 and registers itself in FAMILIES. `forward(arch, ...)` never loops over models in Python.
 """
 
-import math
+import json
 
 import numpy as np
 
@@ -36,19 +38,35 @@ def get_family(name):
     return FAMILIES[name]
 
 
+def get_layout(family, arch):
+    """The declared Layout of one architecture of a family (cached: families build it from the arch)."""
+    key = (family, json.dumps(arch, sort_keys=True))
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = get_family(family).layout(arch)
+    return _LAYOUTS[key]
+
+
+_LAYOUTS = {}
+
+
 def num_params(family, arch):
-    return sum(math.prod(shape) for _, shape in get_family(family).param_shapes(arch))
+    return get_layout(family, arch).num_params
 
 
-def layer_params(param_shapes, weights):
-    """(B, D) -> [(W (B, *w_shape), b (B, *b_shape))] per layer: views into the packed rows, in
-    param_shapes order (weight then bias per layer); zero padding beyond num_params is ignored."""
-    params, start = [], 0
-    for _, shape in param_shapes:
-        size = math.prod(shape)
-        params.append(weights[:, start:start + size].reshape(weights.shape[0], *shape))
-        start += size
-    return list(zip(params[0::2], params[1::2]))
+def param_shapes(family, arch):
+    """[(state-dict name, shape)] in packed order: each layer's weight, then its bias."""
+    return get_layout(family, arch).param_shapes
+
+
+def per_layer(family, archs, weights, arch_ids):
+    """A batch's per-layer view, grouped by architecture, for weight-space methods:
+    [(arch index, rows (b,) long, Layout, [(W (b, *weight), b (b, out))])] for each architecture present."""
+    groups, present = [], torch.unique(arch_ids).tolist()
+    for a in present:
+        rows = torch.nonzero(arch_ids == a).squeeze(1)
+        lay = get_layout(family, archs[a])
+        groups.append((a, rows, lay, lay.split(weights if len(present) == 1 else weights[rows])))
+    return groups
 
 
 def load_row(module, row):

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from probegen.nets import layer_params, load_row, register
+from probegen.nets import get_layout, load_row, register
+from probegen.nets.layout import Layer, Layout
 
 DWSNETS_ARCH = {"in_dim": 2, "hidden": [32, 32], "out_dim": 1, "w0": 30.0, "out_bias": 0.5}
 
@@ -32,17 +33,21 @@ def output_dim(arch):
     return arch["out_dim"]
 
 
-def param_shapes(arch):
+def layout(arch):
+    """Linear layers seq.0 .. seq.{L-1}; sin(w0 x) after every hidden layer; hidden units permute freely."""
     dims = _dims(arch)
-    shapes = []
-    for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
-        shapes += [(f"seq.{i}.weight", (fan_out, fan_in)), (f"seq.{i}.bias", (fan_out,))]
-    return shapes
+    last = len(dims) - 2
+    return Layout(Layer(f"seq.{i}", "linear", (fan_out, fan_in), "none" if i == last else "sin")
+                  for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])))
+
+
+def param_shapes(arch):
+    return get_layout("siren", arch).param_shapes
 
 
 def unflatten(arch, weights):
     """(B, D) -> [(W (B, out, in), b (B, out)) per layer], views into the rows; padding beyond is ignored."""
-    return layer_params(param_shapes(arch), weights)
+    return get_layout("siren", arch).split(weights)
 
 
 def state_dict(arch, row):

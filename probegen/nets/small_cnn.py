@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from probegen.errors import ProbegenError
-from probegen.nets import layer_params, load_row, register
+from probegen.nets import get_layout, load_row, register
+from probegen.nets.layout import Layer, Layout
 
 IMAGE_SIZE = 32
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
@@ -51,12 +52,18 @@ def output_dim(arch):
     return arch["num_classes"]
 
 
-def param_shapes(arch):
-    k, shapes, c_in = arch["kernel"], [], arch["in_channels"]
+def layout(arch):
+    """convs.0 .. convs.{L-1} (each followed by the activation), global average pooling, then fc; the
+    channels of each conv permute freely (pooling keeps them apart, fc reads them as its inputs)."""
+    k, layers, c_in = arch["kernel"], [], arch["in_channels"]
     for i, c in enumerate(arch["channels"]):
-        shapes += [(f"convs.{i}.weight", (c, c_in, k, k)), (f"convs.{i}.bias", (c,))]
+        layers.append(Layer(f"convs.{i}", "conv", (c, c_in, k, k), check_arch(arch)["activation"]))
         c_in = c
-    return shapes + [("fc.weight", (arch["num_classes"], c_in)), ("fc.bias", (arch["num_classes"],))]
+    return Layout(layers + [Layer("fc", "linear", (arch["num_classes"], c_in))])
+
+
+def param_shapes(arch):
+    return get_layout("small_cnn", arch).param_shapes
 
 
 def feature_sizes(arch, size=IMAGE_SIZE):
@@ -69,7 +76,7 @@ def feature_sizes(arch, size=IMAGE_SIZE):
 
 def unflatten(arch, weights):
     """(B, D) -> [(W, b) per conv] + [(W_fc, b_fc)], each with a leading B; views into the rows."""
-    return layer_params(param_shapes(arch), weights)
+    return get_layout("small_cnn", arch).split(weights)
 
 
 def apply(arch, layers, x, keep=None, generator=None):

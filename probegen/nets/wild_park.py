@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from probegen.errors import ProbegenError
-from probegen.nets import layer_params, load_row, register
+from probegen.nets import get_layout, load_row, register
+from probegen.nets.layout import Layer, Layout
 
 # torchvision's Normalize constants of the zoo's training data (generate_cnn_park_config/data/cifar10.yaml)
 CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)
@@ -113,17 +114,23 @@ def output_dim(arch):
     return arch["num_classes"]
 
 
-def param_shapes(arch):
+def layout(arch):
+    """layers.0 .. layers.{L-1} with their own activations and residual sources, pooling, then fc. A residual
+    ties the shared channels of its two layers (probegen/nets/layout.py works out the segments)."""
+    arch = check_arch(arch)
     c = [arch["in_channels"], *arch["channels"]]
-    shapes = []
-    for i, k in enumerate(arch["kernel_size"]):
-        shapes += [(f"layers.{i}.weight", (c[i + 1], c[i], k, k)), (f"layers.{i}.bias", (c[i + 1],))]
-    return shapes + [("fc.weight", (arch["num_classes"], c[-1])), ("fc.bias", (arch["num_classes"],))]
+    layers = [Layer(f"layers.{i}", "conv", (c[i + 1], c[i], k, k), arch["activation"][i], arch["residual"][i])
+              for i, k in enumerate(arch["kernel_size"])]
+    return Layout(layers + [Layer("fc", "linear", (arch["num_classes"], c[-1]))])
+
+
+def param_shapes(arch):
+    return get_layout("wild_park", arch).param_shapes
 
 
 def unflatten(arch, weights):
     """(B, D) -> [(W, b)] per conv layer then fc, as views into the rows; padding beyond is ignored."""
-    return layer_params(param_shapes(arch), weights)
+    return get_layout("wild_park", arch).split(weights)
 
 
 def forward(arch, weights, x):
