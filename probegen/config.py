@@ -1,9 +1,13 @@
-"""params.yaml -> small validated dataclasses. Each stage reads params once, through these accessors.
+"""params.yaml -> small validated values. Each stage reads params once, through these accessors.
 
 Every accessor checks the keys it returns and raises ProbegenError with one line naming the key:
     params.yaml: num_probes: expected a positive integer, got 0
+
+`check_params` validates everything every stage reads, at once; the pipeline's first stage runs it, so a bad
+value stops `dvc repro` before any stage has removed its previous outputs.
 """
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,12 +16,12 @@ import yaml
 from probegen.errors import ProbegenError
 
 PARAMS = "params.yaml"
-FORMATS = ("dwsnets_inr", "small_cnn_zoo", "wild_park")
 SOURCES = ("embedded", "url", "path")
 EMBEDDED_ZOOS = {"digits_inr": "dwsnets_inr", "digits_cnn": "small_cnn_zoo"}
-SPLIT_KINDS = ("deterministic", "inr_official", "small_cnn_official", "wild_park_official")
 OPTIMIZERS = ("adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
+SCHEDULE_KEYS = ("epochs", "batch_size", "eval_every")
+MAX_NUM_PROBES = 1 << 16  # far above any published K (64, 128); beyond it the classifier alone needs GBs
 
 
 def load_params(path=PARAMS):
@@ -33,6 +37,13 @@ def load_params(path=PARAMS):
     return params
 
 
+# ------------------------------------------------------------------------------------------- value checks
+
+
+def _fail(key, expected, value):
+    raise ProbegenError(f"{PARAMS}: {key}: expected {expected}, got {value!r}")
+
+
 def _get(params, dotted):
     node = params
     for part in dotted.split("."):
@@ -42,27 +53,59 @@ def _get(params, dotted):
     return node
 
 
-def _positive_int(value, key):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ProbegenError(f"{PARAMS}: {key}: expected a positive integer, got {value!r}")
+def _section(params, dotted, default=None):
+    """A mapping under `dotted` (a copy); `default` when absent and a default is given."""
+    try:
+        value = _get(params, dotted)
+    except ProbegenError:
+        if default is None:
+            raise
+        return dict(default)
+    if value is None and default is not None:
+        return dict(default)
+    if not isinstance(value, dict):
+        _fail(dotted, "a mapping of settings", value)
+    return dict(value)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(value, key, low=None):
+    if not _is_int(value) or (low is not None and value < low):
+        _fail(key, "an integer" if low is None else f"an integer >= {low}", value)
     return value
 
 
-def _positive_float(value, key, allow_zero=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > 0 or allow_zero and value == 0)
+def _positive_int(value, key):
+    if not _is_int(value) or value <= 0:
+        _fail(key, "a positive integer", value)
+    return value
+
+
+def _number(value, key, allow_zero=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value > 0 or allow_zero and value == 0)
     if not ok:
-        raise ProbegenError(f"{PARAMS}: {key}: expected a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+        _fail(key, "a non-negative number" if allow_zero else "a positive number", value)
     return float(value)
 
 
 def _choice(value, key, choices):
     if value not in choices:
-        raise ProbegenError(f"{PARAMS}: {key}: expected one of {list(choices)}, got {value!r}")
+        _fail(key, f"one of {list(choices)}", value)
     return value
 
 
+# ------------------------------------------------------------------------------------------ top-level keys
+
+
 def num_probes(params):
-    return _positive_int(_get(params, "num_probes"), "num_probes")
+    value = _get(params, "num_probes")
+    if not _is_int(value) or not 0 < value <= MAX_NUM_PROBES:
+        _fail("num_probes", f"a positive integer (at most {MAX_NUM_PROBES})", value)
+    return value
 
 
 def device(params):
@@ -72,13 +115,16 @@ def device(params):
 def _name_list(params, key):
     names = _get(params, key)
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise ProbegenError(f"{PARAMS}: {key}: expected a non-empty list of names, got {names!r}")
+        _fail(key, "a non-empty list of names", names)
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ProbegenError(f"{PARAMS}: {key}: {dup[0]!r} is listed twice")
     return names
 
 
 def zoo_names(params):
     names = _name_list(params, "zoos")
-    known = sorted(_get(params, "zoo"))
+    known = sorted(_section(params, "zoo"))
     for name in names:
         if name not in known:
             raise ProbegenError(f"{PARAMS}: zoos: unknown zoo {name!r}; define zoo.{name} or use one of {known}")
@@ -100,11 +146,15 @@ def method_names(params, kind):
 def seeds(params):
     values = _get(params, "seeds")
     if not isinstance(values, list) or not values:
-        raise ProbegenError(f"{PARAMS}: seeds: expected a non-empty list of integers, got {values!r}")
+        _fail("seeds", "a non-empty list of integers", values)
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ProbegenError(f"{PARAMS}: seeds: expected non-negative integers, got {v!r}")
+        _int(v, "seeds", low=0)
+    if len(set(values)) != len(values):
+        raise ProbegenError(f"{PARAMS}: seeds: {values} repeats a seed (the same run would be averaged twice)")
     return values
+
+
+# ------------------------------------------------------------------------------------------------- zoos
 
 
 @dataclass(frozen=True)
@@ -120,12 +170,14 @@ class ZooConfig:
 
 
 def zoo_config(params, name):
+    from probegen.zoo.formats import FORMATS
+
     key = f"zoo.{name}"
-    if name not in (params.get("zoo") or {}):
-        raise ProbegenError(f"{PARAMS}: {key}: unknown zoo {name!r}; known: {sorted(params.get('zoo') or {})}")
-    fetch, pack = dict(_get(params, f"{key}.fetch")), dict(_get(params, f"{key}.pack"))
+    if name not in _section(params, "zoo"):
+        raise ProbegenError(f"{PARAMS}: {key}: unknown zoo {name!r}; known: {sorted(_section(params, 'zoo'))}")
+    fetch, pack = _section(params, f"{key}.fetch"), _section(params, f"{key}.pack")
     source = _choice(fetch.pop("source", None), f"{key}.fetch.source", SOURCES)
-    fmt = _choice(pack.get("format"), f"{key}.pack.format", FORMATS)
+    fmt = _choice(pack.get("format"), f"{key}.pack.format", sorted(FORMATS))
     nonfinite = _choice(pack.get("nonfinite", "error"), f"{key}.pack.nonfinite", ("error", "drop"))
     final_step = pack.get("final_step", 86)  # null = each run's last checkpoint (the embedded zoo)
     if fmt == "small_cnn_zoo" and final_step is not None:
@@ -135,11 +187,16 @@ def zoo_config(params, name):
     where = "url" if source == "url" else "path"
     url = fetch.get(where)
     if not isinstance(url, str) or not url:
-        raise ProbegenError(f"{PARAMS}: {key}.fetch.{where}: expected a URL or path, got {url!r}")
-    sha = fetch.get("sha256")
-    if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
-        raise ProbegenError(f"{PARAMS}: {key}.fetch.sha256: expected 64 hex digits or null, got {sha!r}")
-    return ZooConfig(name, source, fmt, nonfinite, url=url, sha256=sha, final_step=final_step)
+        _fail(f"{key}.fetch.{where}", "a URL or path", url)
+    return ZooConfig(name, source, fmt, nonfinite, url=url, sha256=_sha256(fetch.get("sha256"), f"{key}.fetch"),
+                     final_step=final_step)
+
+
+def _sha256(sha, key):
+    if sha is not None and (not isinstance(sha, str) or len(sha) != 64
+                            or any(c not in "0123456789abcdef" for c in sha.lower())):
+        _fail(f"{key}.sha256", "64 hex digits or null", sha)
+    return sha
 
 
 def _build_args(name, fmt, fetch):
@@ -148,13 +205,22 @@ def _build_args(name, fmt, fetch):
         raise ProbegenError(f"{PARAMS}: zoo.{name}: embedded zoos are {EMBEDDED_ZOOS}, got {name!r} with {fmt!r}")
     for k, v in fetch.items():
         if k == "lr":
-            _positive_float(v, f"zoo.{name}.fetch.lr")
+            _number(v, f"zoo.{name}.fetch.lr")
         elif k == "seed":
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ProbegenError(f"{PARAMS}: zoo.{name}.fetch.seed: expected an integer, got {v!r}")
+            _int(v, f"zoo.{name}.fetch.seed")
         else:
             _positive_int(v, f"zoo.{name}.fetch.{k}")
     return fetch
+
+
+def family_of(params, zoo):
+    """The architecture family of a configured zoo, known from its format before anything is built."""
+    from probegen.zoo.formats import family
+
+    return family(zoo_config(params, zoo).format)
+
+
+# ----------------------------------------------------------------------------------------------- splits
 
 
 @dataclass(frozen=True)
@@ -168,18 +234,24 @@ class SplitConfig:
 
 
 def split_config(params, name):
+    from probegen.zoo.splits import KINDS
+
     key = f"split.{name}"
-    cfg = (params.get("split") or {}).get(name) or {"kind": "deterministic"}
-    kind = _choice(cfg.get("kind"), f"{key}.kind", SPLIT_KINDS)
+    cfg = _section(params, key, default={"kind": "deterministic"}) if name in _section(params, "split", {}) \
+        else {"kind": "deterministic"}
+    kind = _choice(cfg.get("kind"), f"{key}.kind", KINDS)
     if kind == "deterministic":
-        val = _positive_float(cfg.get("val", 0.1), f"{key}.val", allow_zero=True)
-        test = _positive_float(cfg.get("test", 0.2), f"{key}.test")
+        val = _number(cfg.get("val", 0.1), f"{key}.val", allow_zero=True)
+        test = _number(cfg.get("test", 0.2), f"{key}.test")
         if val + test >= 1:
             raise ProbegenError(f"{PARAMS}: {key}: val + test must be < 1, got {val} + {test}")
-        return SplitConfig(kind, val, test, int(cfg.get("seed", 0)))
+        return SplitConfig(kind, val, test, _int(cfg.get("seed", 0), f"{key}.seed"))
     if not isinstance(cfg.get("url"), str):
         raise ProbegenError(f"{PARAMS}: {key}.url: an official split needs the split file's URL or path")
-    return SplitConfig(kind, url=cfg["url"], sha256=cfg.get("sha256"))
+    return SplitConfig(kind, url=cfg["url"], sha256=_sha256(cfg.get("sha256"), key))
+
+
+# --------------------------------------------------------------------------------------- training, methods
 
 
 @dataclass(frozen=True)
@@ -189,27 +261,80 @@ class TrainConfig:
     eval_every: int
 
 
-def train_config(params, zoo):
+def train_config(params, zoo, method=None):
+    """The schedule of (zoo, method): train.<zoo>, overridden by method.<method>.schedule.<zoo> when given
+    (neural-graphs trains its baselines with other batch sizes and epochs than ProbeGen)."""
     key = f"train.{zoo}"
-    cfg = _get(params, key)
-    return TrainConfig(*(_positive_int(cfg.get(k), f"{key}.{k}") for k in ("epochs", "batch_size", "eval_every")))
+    cfg = _section(params, key)
+    if method is not None:
+        schedules = _section(params, f"method.{method}").get("schedule") or {}
+        if not isinstance(schedules, dict):
+            _fail(f"method.{method}.schedule", "a mapping {zoo: {epochs, batch_size, eval_every}}", schedules)
+        override = schedules.get(zoo) or {}
+        if not isinstance(override, dict) or set(override) - set(SCHEDULE_KEYS):
+            _fail(f"method.{method}.schedule.{zoo}", f"a mapping of {list(SCHEDULE_KEYS)}", override)
+        cfg, key = {**cfg, **override}, (f"method.{method}.schedule.{zoo}" if override else key)
+    return TrainConfig(*(_positive_int(cfg.get(k), f"{key}.{k}") for k in SCHEDULE_KEYS))
 
 
 def method_config(params, name):
+    """method.<name>: the training keys checked here, the method's own keys checked against its defaults."""
+    from probegen.methods import METHODS, method_cfg
+
     key = f"method.{name}"
-    cfg = dict(_get(params, key))
+    cfg = _section(params, key)
     _choice(cfg.get("optimizer"), f"{key}.optimizer", OPTIMIZERS)
-    _positive_float(cfg.get("lr"), f"{key}.lr")
-    _positive_float(cfg.get("weight_decay", 0.0), f"{key}.weight_decay", allow_zero=True)
+    _number(cfg.get("lr"), f"{key}.lr")
+    _number(cfg.get("weight_decay", 0.0), f"{key}.weight_decay", allow_zero=True)
     if cfg.get("grad_clip") is not None:
-        _positive_float(cfg["grad_clip"], f"{key}.grad_clip")
-    for k in ("hidden", "layers", "latent_dim"):
-        if k in cfg:
-            _positive_int(cfg[k], f"{key}.{k}")
+        _number(cfg["grad_clip"], f"{key}.grad_clip")
+    if name in METHODS:
+        method_cfg(name, cfg)  # unknown keys and wrongly typed values, one line each
     return cfg
 
 
+def checkpoint_config(params):
+    """checkpoint.every_steps / every_seconds (0 = off). Read by the training stages but not listed in their
+    DVC params on purpose: how often a run saves itself does not change its results."""
+    cfg = _section(params, "checkpoint", default={"every_steps": 0, "every_seconds": 0})
+    return (_int(cfg.get("every_steps", 0), "checkpoint.every_steps", low=0),
+            _number(cfg.get("every_seconds", 0), "checkpoint.every_seconds", allow_zero=True))
+
+
 def dead_leaves_config(params):
-    cfg = _get(params, "dead_leaves")
-    return {k: _positive_int(cfg.get(k), f"dead_leaves.{k}") if k != "seed" else int(cfg.get(k, 0))
-            for k in ("pool_size", "resolution", "seed")}
+    cfg = _section(params, "dead_leaves")
+    return {"pool_size": _positive_int(cfg.get("pool_size"), "dead_leaves.pool_size"),
+            "resolution": _positive_int(cfg.get("resolution"), "dead_leaves.resolution"),
+            "seed": _int(cfg.get("seed", 0), "dead_leaves.seed")}
+
+
+# ------------------------------------------------------------------------------------------ all at once
+
+
+def check_params(params):
+    """Validate every key the pipeline's stages read -> a list of notes (e.g. method x zoo pairs that do not
+    apply and will be skipped). Raises one ProbegenError line for the first bad value."""
+    from probegen.methods import METHODS
+    from probegen.patching.induction import InductionConfig
+    from probegen.patching.probers import LocalizeConfig
+
+    num_probes(params)
+    device(params)
+    seeds(params)
+    methods = method_names(params, "probe") + method_names(params, "weights")
+    notes = []
+    for zoo in zoo_names(params):
+        zoo_config(params, zoo)
+        split_config(params, zoo)
+        family = family_of(params, zoo)
+        for method in methods:
+            method_config(params, method)
+            train_config(params, zoo, method)
+            reason = METHODS[method].why_unsupported(family)
+            if reason:
+                notes.append(f"{method} on {zoo}: skipped ({reason})")
+    dead_leaves_config(params)
+    checkpoint_config(params)
+    InductionConfig.from_params(params.get("induction"))
+    LocalizeConfig.from_params(params.get("localize"))
+    return notes

@@ -1,18 +1,10 @@
-"""fetch@<zoo>: the raw zoo in its published format -> data/raw/<zoo>/"""
+"""fetch@<zoo>: the raw zoo in its published format -> data/raw/<zoo>/
 
-import sys
+Run from the project root as `python -m stages.fetch ...` (what dvc.yaml does), so that this checkout's
+probegen is the one imported. The parameters it reads and the work it does: probegen/cli.py, `fetch`.
+"""
 
-from probegen import config
-from probegen.errors import cli
-from probegen.zoo.sources import fetch
-
-
-@cli
-def main(zoo):
-    cfg = config.zoo_config(config.load_params(), zoo)
-    summary = fetch(cfg, f"data/raw/{zoo}")
-    print(f"fetch@{zoo}: {summary}")
-
+from probegen.cli import stage
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    stage("fetch")

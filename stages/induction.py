@@ -1,19 +1,11 @@
-"""induction: train tiny attention-only transformers and path-patch their induction mechanism.
+"""induction: train tiny attention-only transformers and path-patch their induction mechanism
+-> metrics/induction.json, plots/induction.png
 
-Reads params.yaml `induction` (keys and defaults: probegen.patching.induction.InductionConfig).
-Writes metrics/induction.json and plots/induction.png.
+Run from the project root as `python -m stages.induction ...` (what dvc.yaml does), so that this checkout's
+probegen is the one imported. The parameters it reads and the work it does: probegen/cli.py, `induction`.
 """
 
-from probegen import config
-from probegen.errors import cli
-from probegen.patching.induction import InductionConfig, run_induction
-
-
-@cli
-def main():
-    section = config.load_params().get("induction") or {}
-    run_induction(InductionConfig.from_params(section), "metrics/induction.json", "plots/induction.png")
-
+from probegen.cli import stage
 
 if __name__ == "__main__":
-    main()
+    stage("induction")

@@ -1,18 +1,10 @@
-"""pack@<zoo>: data/raw/<zoo>/ -> data/zoos/<zoo>/ (weights.npy, offsets.npy, labels.npy, meta.csv, spec.json)"""
+"""pack@<zoo>: data/raw/<zoo>/ -> data/zoos/<zoo>/ (weights.npy, offsets.npy, labels.npy, meta.csv, spec.json)
 
-import sys
+Run from the project root as `python -m stages.pack ...` (what dvc.yaml does), so that this checkout's
+probegen is the one imported. The parameters it reads and the work it does: probegen/cli.py, `pack`.
+"""
 
-from probegen import config
-from probegen.errors import cli
-from probegen.zoo.formats import pack_zoo
-
-
-@cli
-def main(zoo):
-    cfg = config.zoo_config(config.load_params(), zoo)
-    spec = pack_zoo(cfg, f"data/raw/{zoo}", f"data/zoos/{zoo}")
-    print(f"pack@{zoo}: {spec['num_models']} models, {spec['dropped_nonfinite']} dropped as non-finite")
-
+from probegen.cli import stage
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    stage("pack")

@@ -1,18 +1,10 @@
-"""render_probes: the Dead-Leaves pool -> data/probes/dead_leaves.npy (float32 (P, 3, R, R) in [0, 1])"""
+"""render_probes: the Dead-Leaves pool -> data/probes/dead_leaves.npy (float32 (P, 3, R, R) in [0, 1])
 
-from probegen import config
-from probegen.errors import cli
-from probegen.io import write_npy
-from probegen.probes.dead_leaves import render
+Run from the project root as `python -m stages.render_probes ...` (what dvc.yaml does), so that this checkout's
+probegen is the one imported. The parameters it reads and the work it does: probegen/cli.py, `render-probes`.
+"""
 
-
-@cli
-def main():
-    cfg = config.dead_leaves_config(config.load_params())
-    pool = render(cfg["pool_size"], resolution=cfg["resolution"], seed=cfg["seed"])
-    write_npy("data/probes/dead_leaves.npy", pool)
-    print(f"render_probes: {pool.shape}")
-
+from probegen.cli import stage
 
 if __name__ == "__main__":
-    main()
+    stage("render-probes")

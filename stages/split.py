@@ -1,18 +1,10 @@
-"""split@<zoo>: data/zoos/<zoo>/ -> data/splits/<zoo>.json ({train, val, test}: row indices)"""
+"""split@<zoo>: data/zoos/<zoo>/ -> data/splits/<zoo>.json ({train, val, test}: row indices)
 
-import sys
+Run from the project root as `python -m stages.split ...` (what dvc.yaml does), so that this checkout's
+probegen is the one imported. The parameters it reads and the work it does: probegen/cli.py, `split`.
+"""
 
-from probegen import config
-from probegen.errors import cli
-from probegen.zoo.splits import build_split
-
-
-@cli
-def main(zoo):
-    cfg = config.split_config(config.load_params(), zoo)
-    sizes = build_split(cfg, f"data/zoos/{zoo}", f"data/splits/{zoo}.json")
-    print(f"split@{zoo}: {sizes}")
-
+from probegen.cli import stage
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    stage("split")

@@ -55,7 +55,7 @@ def run(cmd, cwd, check=True, env=None):
 def make_project(path, params):
     """A git + DVC project holding this checkout's pipeline code and the given params."""
     path.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", "pyproject.toml"):
+    for name in ("dvc.yaml", "pyproject.toml", ".dvcignore"):
         shutil.copy(ROOT / name, path / name)
     for name in ("stages", "probegen"):
         shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))

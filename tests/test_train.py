@@ -7,7 +7,7 @@ from fake_zoo import make_zoo, register_tiny, split_of
 from probegen.errors import ProbegenError
 from probegen.methods import build_method
 from probegen.metrics import kendall_tau
-from probegen.train import _Split, evaluate, resolve_device, train
+from probegen.train import _Split, evaluate, resolve_device, stackable, train, train_seeds
 
 ARCHS = [{"in": 2, "hidden": 6, "out": 1}]
 SMALL = {"hidden": 32, "layers": 3}
@@ -121,3 +121,51 @@ def test_a_split_held_in_memory_gives_rows_as_wide_as_the_zoo():
     w, a, _ = data.batch(torch.tensor([0, 5]))
     assert data.weights is not None and w.shape == (2, zoo.weights.shape[1])
     assert torch.equal(w, zoo.weights[[18, 13]]) and a.tolist() == [0, 0]
+
+
+# ------------------------------------------------------------------------------- seeds as one ensemble
+
+
+@pytest.mark.parametrize("name,kw", [("probegen", {}), ("vanilla", {}), ("synthetic", {}),
+                                     ("mlp", {"optimizer": "adamw", "weight_decay": 5e-4, "grad_clip": 0.05}),
+                                     ("statnn", {"optimizer": "adamw", "grad_clip": 1.0})])
+def test_seeds_trained_as_one_ensemble_match_each_seed_trained_alone(name, kw):
+    zoo = make_zoo("tiny_mlp", ARCHS, 120, num_classes=3)
+    split = split_of(120)
+    sched = {**FAST, "epochs": 23, "eval_every": 1, **kw}  # 72 train models / 16: 5 steps an epoch, 115 steps
+    seeds = [0, 3, 5]
+    methods = [build_method(name, zoo, SMALL, num_probes=8, seed=s) for s in seeds]
+    together = train_seeds(methods, zoo, split, seeds=seeds, **sched)
+    assert all(stackable(m, zoo) for m in methods)
+    for s, res in zip(seeds, together):
+        alone = train(build_method(name, zoo, SMALL, num_probes=8, seed=s), zoo, split, seed=s, **sched)
+        # per-step losses (eval_every=1: each curve row is one step) agree to float32 rounding
+        np.testing.assert_allclose(res.curve["train_loss"][:100], alone.curve["train_loss"][:100], rtol=1e-4)
+        assert res.metrics["seed"] == s and res.metrics["best_step"] > 0
+        for k in alone.state_dict:
+            torch.testing.assert_close(res.state_dict[k], alone.state_dict[k], rtol=1e-3, atol=1e-4)
+    assert not together[0].curve["train_loss"].equals(together[1].curve["train_loss"])  # seeds differ
+
+
+def test_a_zoo_of_several_architectures_trains_its_seeds_one_after_another():
+    archs = [{"in": 2, "hidden": 3, "out": 1}, {"in": 2, "hidden": 5, "out": 1}]
+    zoo = make_zoo("tiny_mlp", archs, 60, num_classes=3)
+    methods = [build_method("mlp", zoo, SMALL, num_probes=8, seed=s) for s in (0, 1)]
+    assert not stackable(methods[0], zoo)
+    together = train_seeds(methods, zoo, split_of(60), seeds=[0, 1], **{**FAST, "epochs": 2, "eval_every": 2})
+    alone = train(build_method("mlp", zoo, SMALL, num_probes=8, seed=1), zoo, split_of(60), seed=1,
+                  **{**FAST, "epochs": 2, "eval_every": 2})
+    pd.testing.assert_frame_equal(together[1].curve, alone.curve)
+
+
+def test_repeated_seeds_are_refused():
+    zoo = make_zoo("tiny_mlp", ARCHS, 30)
+    methods = [build_method("mlp", zoo, SMALL, num_probes=8, seed=0) for _ in range(2)]
+    with pytest.raises(ProbegenError, match="distinct seeds"):
+        train_seeds(methods, zoo, split_of(30), seeds=[0, 0], **{**FAST, "epochs": 1, "eval_every": 1})
+
+
+def test_a_diverging_run_stops_with_one_line():
+    zoo = make_zoo("tiny_mlp", ARCHS, 60, task="regression")
+    with pytest.raises(ProbegenError, match=r"non-finite loss .*seed 0.*method.mlp.lr"):
+        _run("mlp", zoo, split_of(60), epochs=3, eval_every=2, lr=1e30)

@@ -17,7 +17,7 @@ import torch
 from probegen.errors import ProbegenError
 
 KINDS = ("probe", "weights")
-TRAIN_KEYS = ("optimizer", "lr", "weight_decay", "grad_clip")
+TRAIN_KEYS = ("optimizer", "lr", "weight_decay", "grad_clip", "schedule")  # read by probegen.train / config
 METHODS = {}
 
 
@@ -37,21 +37,53 @@ def register(name, kind):
 
 
 def method_cfg(name, cfg):
-    """The method's own settings: its defaults overridden by cfg; unknown keys are an error."""
+    """The method's own settings: its defaults overridden by cfg. Unknown keys are an error (a typo would
+    otherwise silently fall back to a default), and so is a value whose type differs from its default's."""
     cls = METHODS[name]
     cfg = dict(cfg or {})
     unknown = sorted(set(cfg) - set(cls.defaults) - set(TRAIN_KEYS))
     if unknown:
         raise ProbegenError(f"method.{name}: unknown key {unknown[0]!r}; {name} reads {sorted(cls.defaults)} "
                             f"and the training keys {list(TRAIN_KEYS)}")
-    return {k: cfg.get(k, v) for k, v in cls.defaults.items()}
+    own = {k: cfg.get(k, v) for k, v in cls.defaults.items()}
+    for k, default in cls.defaults.items():
+        if not _same_kind(own[k], default):
+            raise ProbegenError(f"method.{name}.{k}: expected {_kind(default)}, got {own[k]!r}")
+    return own
+
+
+def _kind(default):
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, int):
+        return "a non-negative integer"
+    if isinstance(default, float):
+        return "a number"
+    return f"a {type(default).__name__}"
+
+
+def _same_kind(value, default):
+    """Does value fit a key whose default is `default`? (None defaults accept anything: they mean 'auto'.)"""
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default))
 
 
 def build_method(name, zoo, cfg, *, num_probes, probe_pool=None, seed=0):
-    """A freshly initialised method for this zoo; initialisation is seeded (torch.manual_seed(seed))."""
+    """A freshly initialised method for this zoo; initialisation is seeded (torch.manual_seed(seed)).
+    A method that does not apply to the zoo's architecture family says so in one line."""
     if name not in METHODS:
         raise ProbegenError(f"unknown method {name!r}; known: {sorted(METHODS)}")
     own = method_cfg(name, cfg)
+    reason = METHODS[name].why_unsupported(zoo.family)
+    if reason:
+        raise ProbegenError(f"method {name!r}: cannot run on the {zoo.family} family ({reason})")
     torch.manual_seed(seed)
     return METHODS[name](zoo, own, num_probes=num_probes, probe_pool=probe_pool)
 

@@ -23,6 +23,17 @@ class Method(nn.Module):
     # Predictions unchanged when a model's hidden units are permuted within its layout's symmetry (tested
     # for every method and family); probing methods are by construction, since the function is the same.
     invariant = True
+    # Seeds can train as one vmapped ensemble (probegen/train.py): no randomness or data-dependent control
+    # flow inside forward.
+    stackable = True
+    # Architecture families (probegen/nets) the method is not defined for: {family: why}. Known before any
+    # zoo is built, so the pipeline can skip such a pair with a note; build_method refuses it in one line.
+    excludes = {}
+
+    @classmethod
+    def why_unsupported(cls, family):
+        """Why the method cannot run on this family, or "" if it can."""
+        return cls.excludes.get(family, "")
 
     def __init__(self, zoo, cfg):
         super().__init__()
@@ -35,6 +46,13 @@ class Method(nn.Module):
 
     def prepare(self, zoo, train_idx):
         """Fit anything that depends on the training set; called once by train() before the first step."""
+
+    def augment(self, weights, arch_ids, generator=None):
+        """Train-time weight-space augmentation of a batch (probegen/nn/augment.py); the training loop calls
+        it when the method's cfg has `augment: true`."""
+        from probegen.nn.augment import augment
+
+        return augment(self.family, self.archs, weights, arch_ids, generator)
 
     def _output(self, logits):
         return logits.squeeze(-1) if self.task == "regression" else logits  # (B,) | (B, C)

@@ -1,6 +1,6 @@
 """MLP on the flattened weights, each coordinate standardised with train-set statistics (computed once).
 
-cfg: hidden (256), layers (6), standardize (true).
+cfg: hidden (256), layers (6), standardize (true), augment (false: train-time weight-space augmentation).
 """
 
 import torch
@@ -12,7 +12,7 @@ from probegen.methods.classifier import Classifier
 
 @register("mlp", "weights")
 class MLP(Method):
-    defaults = {**Method.defaults, "standardize": True}
+    defaults = {**Method.defaults, "standardize": True, "augment": False}
     invariant = False  # reads every weight at its position: a permuted network is a different input
 
     def __init__(self, zoo, cfg, num_probes=None, probe_pool=None):

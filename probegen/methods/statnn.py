@@ -5,10 +5,11 @@ largest count (as Neural Graphs pads). var is unbiased (torch.var, as Neural Gra
 tensors. Features are standardised with train-set statistics. Computed for the whole batch at once: one
 vectorised call per tensor and architecture present, never per model.
 
-cfg: hidden (256), layers (6), standardize (true).
+cfg: hidden (256), layers (6), standardize (true), augment (false: train-time weight-space augmentation).
 """
 
 import torch
+import torch.nn.functional as F
 
 from probegen.methods import register
 from probegen.methods.base import Method, iter_rows, standardize_stats
@@ -21,7 +22,7 @@ QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 @register("statnn", "weights")
 class StatNN(Method):
-    defaults = {**Method.defaults, "standardize": True}
+    defaults = {**Method.defaults, "standardize": True, "augment": False}
 
     def __init__(self, zoo, cfg, num_probes=None, probe_pool=None):
         super().__init__(zoo, cfg)
@@ -31,13 +32,18 @@ class StatNN(Method):
         self.head = Classifier(self.num_features, self.out_dim, cfg["hidden"], cfg["layers"])
 
     def statistics(self, weights, arch_ids):
-        """(B, D), (B,) -> (B, 7 * max_tensors) raw statistics, tensor by tensor."""
-        out = weights.new_zeros(len(weights), self.num_features)
+        """(B, D), (B,) -> (B, 7 * max_tensors) raw statistics, tensor by tensor; zeros after the last tensor
+        of an architecture with fewer."""
         q = torch.tensor(QUANTILES, dtype=weights.dtype, device=weights.device)
-        for _, rows, _, layers in per_layer(self.family, self.archs, weights, arch_ids):
-            feats = [_tensor_stats(t.flatten(1), q) for W, b in layers for t in (W, b)]
-            feats = torch.cat(feats, 1)  # (b, 7 * tensors)
-            out[rows, :feats.shape[1]] = feats
+        groups = per_layer(self.family, self.archs, weights, arch_ids)
+        feats = [torch.cat([_tensor_stats(t.flatten(1), q) for W, b in layers for t in (W, b)], 1)
+                 for _, _, _, layers in groups]  # (b, 7 * tensors) per architecture
+        feats = [F.pad(f, (0, self.num_features - f.shape[1])) for f in feats]
+        if len(groups) == 1:
+            return feats[0]
+        out = weights.new_zeros(len(weights), self.num_features)
+        for (_, rows, _, _), f in zip(groups, feats):
+            out[rows] = f
         return out
 
     def prepare(self, zoo, train_idx):
@@ -56,7 +62,12 @@ class StatNN(Method):
 
 
 def _tensor_stats(t, q):
-    """t (b, size) -> (b, 7): mean, var, quantiles 0 / .25 / .5 / .75 / 1 (linear interpolation)."""
+    """t (b, size) -> (b, 7): mean, var, quantiles 0 / .25 / .5 / .75 / 1 (linear interpolation, as
+    torch.quantile; computed from one sort, which vmap batches, where torch.quantile has no batching rule)."""
     var = t.var(1, correction=1) if t.shape[1] > 1 else torch.zeros_like(t[:, 0])
-    quant = torch.quantile(t, q, dim=1).T  # (b, 5)
+    ordered = t.sort(1).values  # (b, size)
+    pos = q * (t.shape[1] - 1)  # (5,) fractional ranks
+    lo, hi = pos.floor().long(), pos.ceil().long()
+    frac = (pos - lo).to(t.dtype)
+    quant = ordered[:, lo] + (ordered[:, hi] - ordered[:, lo]) * frac  # (b, 5)
     return torch.cat([t.mean(1, keepdim=True), var.unsqueeze(1), quant], 1)

@@ -61,6 +61,9 @@ def param_shapes(family, arch):
 def per_layer(family, archs, weights, arch_ids):
     """A batch's per-layer view, grouped by architecture, for weight-space methods:
     [(arch index, rows (b,) long, Layout, [(W (b, *weight), b (b, out))])] for each architecture present."""
+    if len(archs) == 1:  # no data-dependent branch (vmap over seeds needs none)
+        lay = get_layout(family, archs[0])
+        return [(0, torch.arange(weights.shape[0], device=weights.device), lay, lay.split(weights))]
     groups, present = [], torch.unique(arch_ids).tolist()
     for a in present:
         rows = torch.nonzero(arch_ids == a).squeeze(1)
@@ -85,6 +88,8 @@ def forward_zoo(family, archs, arch_ids, weights, x):
     archs: spec["archs"]; arch_ids: (B,) long; weights: (B, D); x: (K, *input_shape) -> (B, K, out).
     """
     fam = get_family(family)
+    if len(archs) == 1:  # no data-dependent branch: also what lets a method be vmapped over seeds
+        return fam.forward(archs[0], weights, x)
     present = torch.unique(arch_ids)
     if len(present) == 1:
         return fam.forward(archs[int(present[0])], weights, x)

@@ -85,6 +85,7 @@ def bootstrap(d_h, d_0, n_boot=1000, seed=0):
 
 def summarize(d_h, d_0, n_boot=1000, seed=0, level=0.95):
     """Score one hypothesis from per-pair values d_h (B,) and the total-effect values d_0 (B,)."""
+    _check_n_boot(n_boot)
     aue, ate = float(d_h.mean()), float(d_0.mean())
     aue_b, ate_b = bootstrap(d_h, d_0, n_boot, seed)
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
@@ -103,11 +104,17 @@ def evaluate(graph, hyps, x_r, x_c, metric="kl", n_boot=1000, seed=0, chunk=8, p
     metric: "kl" (default), "sq", or a callable d(ref_out, patched_out) -> (B,) such as
     loss_increase(target) or kl(mask).
     """
+    _check_n_boot(n_boot)
     d = _metric(metric)
     patcher = patcher or Patcher(graph, x_r, x_c)
     hyps = [parse_hypothesis(graph, h) for h in hyps]
     values = effects(patcher, [NOTHING] + hyps, d, chunk)  # row 0: the total effect
     return [{"hypothesis": str(h), **summarize(v, values[0], n_boot, seed)} for h, v in zip(hyps, values[1:])]
+
+
+def _check_n_boot(n_boot):
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ProbegenError(f"n_boot: expected a positive integer (bootstrap draws), got {n_boot!r}")
 
 
 def _metric(metric):

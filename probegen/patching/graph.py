@@ -141,10 +141,16 @@ class Graph:
         return {leaf: values[leaf] for leaf in self.inputs}
 
     def call(self, name, slot_values):
-        """Run node `name` on {slot: tensor}; its output must be a tensor."""
+        """Run node `name` on {slot: tensor}; its output must be a tensor with its inputs' batch size."""
         out = self.nodes[name].fn(**slot_values)
         if not torch.is_tensor(out):
             raise ProbegenError(f"graph node {name!r}: returned {type(out).__name__}; path patching needs tensor outputs")
+        # The engine stacks patched copies on the batch axis, so a node that mixes rows gives wrong answers;
+        # a changed batch size is the cheap, sure sign of one that reduces over the batch.
+        batch = next((v.shape[0] for v in slot_values.values() if torch.is_tensor(v) and v.dim()), None)
+        if batch is not None and (out.dim() == 0 or out.shape[0] != batch):
+            raise ProbegenError(f"graph node {name!r}: output of shape {tuple(out.shape)} for inputs of batch "
+                                f"size {batch}; node functions must keep the batch axis and treat rows independently")
         return out
 
     def run(self, x=None, leaves=None):

@@ -18,7 +18,11 @@ model zero-padded on the right to D = the largest model's size (the batched forw
 Models are written in chunks through PackedWriter, so packing 70,000 checkpoints needs bounded memory.
 """
 
+import contextlib
+import errno
+import io
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,8 +192,9 @@ class PackedWriter:
         with PackedWriter(out, capacity=N, total_params=T, spec=spec, nonfinite="drop") as w:
             w.add(rows, labels_chunk, meta_rows, archs, sources)
 
-    capacity and total_params bound the models and their parameters together (the weights file is
-    preallocated, then trimmed). rows: an (n, d) array, or n flat arrays, each exactly its architecture's
+    capacity and total_params bound the models and their parameters together (the weights file's space
+    is reserved up front, so a full disk fails at once, then the file is trimmed to what was written).
+    rows: an (n, d) array, or n flat arrays, each exactly its architecture's
     parameter count (spec["family"] says how to count). `sources` name each model's file (or file + row)
     for error messages. With nonfinite="error" a model with NaN/inf weights raises ProbegenError naming
     its source; with "drop" it is skipped and counted.
@@ -205,8 +210,11 @@ class PackedWriter:
         self.label_dtype = np.int64 if spec["task"] == "classification" else np.float32
         self._ctx = atomic_dir(self.out_dir)
         self.tmp = self._ctx.__enter__()
-        self.flat = np.lib.format.open_memmap(self.tmp / "weights.npy", mode="w+", dtype=np.float32,
-                                              shape=(self.total_params,))
+        try:
+            self._weights = _reserved_npy(self.tmp / "weights.npy", self.total_params)
+        except BaseException as err:  # a full disk: one error line naming out_dir, no temporary folder left
+            self._abort(type(err), err, err.__traceback__)
+            raise
         self.offsets, self.labels, self.meta, self.arch_keys, self.archs, self.arch_sizes = [0], [], [], {}, [], {}
         self.dropped = []
 
@@ -239,7 +247,7 @@ class PackedWriter:
         if over.any():
             raise ProbegenError(f"{sources[int(np.argmax(over))]}: more models or parameters than declared "
                                 f"({self.capacity} models, {self.total_params} parameters)")
-        self.flat[start:ends[-1]] = np.concatenate(rows)
+        self._weights.write(np.concatenate(rows))  # (sum of sizes,) float32, right after the previous chunk
         self.offsets.extend(int(e) for e in ends)
 
     def _arch_size(self, arch):
@@ -269,8 +277,7 @@ class PackedWriter:
         count = len(self.offsets) - 1
         if count == 0:
             raise ProbegenError(f"{self.out_dir}: no usable models")
-        self.flat.flush()
-        del self.flat
+        self._weights.close()
         if self.offsets[-1] < self.total_params:
             _truncate(self.tmp / "weights.npy", self.offsets[-1])
         np.save(self.tmp / "offsets.npy", np.asarray(self.offsets, dtype=np.int64))
@@ -281,8 +288,9 @@ class PackedWriter:
         return spec
 
     def _abort(self, *exc_info):
-        if hasattr(self, "flat"):
-            del self.flat  # release the mapping before the folder goes
+        if hasattr(self, "_weights"):
+            with contextlib.suppress(OSError):  # flushing the buffer may fail too (a full disk): it still closes
+                self._weights.close()
         self._ctx.__exit__(*exc_info)
 
     def __enter__(self):
@@ -296,13 +304,55 @@ class PackedWriter:
         return False
 
 
-def _truncate(path, n, chunk=1 << 24):
-    """Keep the first n values of a 1-D .npy file, copying in chunks (never the whole array in memory)."""
-    src = np.load(path, mmap_mode="r")
-    tmp = path.with_suffix(".trim.npy")
-    dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=(n,))
-    for start in range(0, n, chunk):
-        dst[start:start + chunk] = src[start:min(start + chunk, n)]
-    dst.flush()
-    del dst, src
-    tmp.replace(path)
+def _reserved_npy(path, n):
+    """A .npy file for n float32 values with their disk space reserved for real, open at the first value.
+
+    The space is allocated now (posix_fallocate), so a full disk is an OSError (ENOSPC) before any model
+    is read, not a SIGBUS on a write through a memory map into a sparse file, hours later. The values are
+    then written with plain sequential writes, whose failures are OSErrors too.
+    """
+    f = open(path, "wb")
+    try:
+        np.lib.format.write_array_header_1_0(f, _header(n, np.dtype(np.float32)))
+        f.flush()
+        try:
+            os.posix_fallocate(f.fileno(), 0, f.tell() + 4 * n)
+        except OSError as err:  # a filesystem that cannot reserve: the plain writes still fail cleanly
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _header(n, dtype):
+    return {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (int(n),)}
+
+
+def _truncate(path, n, chunk=1 << 26):
+    """Keep the first n values of a 1-D .npy file: rewrite its header for (n,) and cut the file, in place
+    (numpy pads headers so that the length does not change); else copy in chunks of `chunk` bytes. Plain
+    reads and writes: no memory map, so a full disk is an OSError."""
+    with open(path, "r+b") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        dtype = read(f)[2]
+        start = f.tell()
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(head, _header(n, dtype))
+        if len(head.getvalue()) == start:
+            f.seek(0)
+            f.write(head.getvalue())
+            f.truncate(start + n * dtype.itemsize)
+            return
+    trimmed = path.with_suffix(".trim.npy")
+    with open(path, "rb") as src, open(trimmed, "wb") as dst:
+        dst.write(head.getvalue())
+        src.seek(start)
+        left = n * dtype.itemsize
+        while left:
+            block = src.read(min(chunk, left))
+            dst.write(block)
+            left -= len(block)
+    trimmed.replace(path)

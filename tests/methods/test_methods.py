@@ -42,7 +42,11 @@ def test_registry_knows_every_method_and_its_kind():
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_builds_and_outputs_the_right_shape(name, zoo_name):
     zoo = _zoos()[zoo_name]
-    method = build_method(name, zoo, SMALL, num_probes=4, probe_pool=POOL, seed=0)
+    try:
+        method = build_method(name, zoo, SMALL, num_probes=4, probe_pool=POOL, seed=0)
+    except ProbegenError as err:  # a method not defined for this family says so in one line
+        assert "cannot run on" in str(err) and zoo_name in str(err)
+        pytest.skip(str(err))
     w, a = _batch(zoo)
     out = method(w, a)
     expected = (len(zoo), zoo.num_classes) if zoo.task == "classification" else (len(zoo),)

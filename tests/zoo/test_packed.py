@@ -1,9 +1,12 @@
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
 
 from probegen.errors import ProbegenError
-from probegen.zoo.packed import PackedWriter, ZooRows, load_packed, ragged
+from probegen.zoo.packed import PackedWriter, ZooRows, _truncate, load_packed, ragged
 from fake_zoo import register_tiny
 
 SPEC = {"family": "tiny_mlp", "task": "classification", "num_classes": 10, "format": "test"}
@@ -162,3 +165,42 @@ def test_no_usable_model_leaves_no_temporary_folder(tmp_path):
     with pytest.raises(ProbegenError, match="no usable models"):
         writer.close()
     assert list(tmp_path.iterdir()) == []  # cleaned up by close(), not by the writer's garbage collection
+
+
+def test_the_weights_space_is_reserved_up_front_and_trimmed_in_place(tmp_path):
+    """Reserved for real (not a sparse file a memory map would fill, dying by SIGBUS when the disk is full),
+    then cut to what was written: no copy, nothing left beside it."""
+    writer = PackedWriter(tmp_path / "zoo", capacity=1000, total_params=1000 * D5, spec=SPEC)
+    weights = writer.tmp / "weights.npy"
+    assert weights.stat().st_blocks * 512 >= 1000 * D5 * 4
+    writer.add(np.ones((3, D5), np.float32), [0, 1, 2], [{}] * 3, [ARCH5] * 3, ["a", "b", "c"])
+    inode = weights.stat().st_ino
+    writer.close()
+    out = tmp_path / "zoo" / "weights.npy"
+    assert out.stat().st_ino == inode and out.stat().st_size == 128 + 3 * D5 * 4
+    np.testing.assert_array_equal(np.load(out), np.ones(3 * D5))
+    assert sorted(p.name for p in (tmp_path / "zoo").iterdir()) == [
+        "labels.npy", "meta.csv", "offsets.npy", "spec.json", "weights.npy"]
+
+
+def test_truncate_copies_when_the_header_would_change_length(tmp_path):
+    values = np.arange(10, dtype=np.float32)
+    body = repr({"descr": "<f4", "fortran_order": False, "shape": (10,)}).encode()
+    header = body + b" " * (192 - 10 - len(body) - 1) + b"\n"  # valid, padded further than numpy pads
+    path = tmp_path / "w.npy"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + np.uint16(len(header)).tobytes() + header + values.tobytes())
+    np.testing.assert_array_equal(np.load(path), values)
+    _truncate(path, 3)
+    np.testing.assert_array_equal(np.load(path), values[:3])
+    assert path.stat().st_size == 128 + 3 * 4 and [p.name for p in tmp_path.iterdir()] == ["w.npy"]
+
+
+@pytest.mark.parametrize("mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775)])
+def test_a_packed_zoo_follows_the_umask(tmp_path, mask, file_mode, dir_mode):
+    previous = os.umask(mask)
+    try:
+        write(tmp_path / "zoo", np.ones((2, D5), np.float32), np.arange(2))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "zoo").stat().st_mode) == dir_mode
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "zoo").iterdir()} == {file_mode}

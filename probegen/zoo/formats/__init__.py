@@ -17,6 +17,11 @@ def get_format(name):
     return importlib.import_module(FORMATS[name])
 
 
+def family(name):
+    """The architecture family (probegen/nets) of a format's models, known before anything is packed."""
+    return get_format(name).SPEC["family"]
+
+
 def pack_zoo(cfg, raw_dir, out_dir, progress=True):
     """Pack data/raw/<zoo> into data/zoos/<zoo> with the reader of cfg.format (a config.ZooConfig)."""
     reader = get_format(cfg.format)

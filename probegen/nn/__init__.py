@@ -1,0 +1,1 @@
+"""Building blocks shared by several weight-space methods: equivariant layers, graph construction, augmentation."""

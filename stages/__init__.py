@@ -1,0 +1,1 @@
+"""Stage scripts of dvc.yaml: each one is `probegen.cli.stage(<command>)`."""
