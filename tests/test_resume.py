@@ -1,0 +1,121 @@
+"""Killed runs resume: a real training stage process is SIGKILLed mid-run, rerun, and ends with the same
+outputs, byte for byte, as a run that was never interrupted; stale and corrupt checkpoints are not resumed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, tiny_params
+from probegen.nets.siren import DWSNETS_ARCH
+from probegen.zoo.packed import PackedWriter
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
+ZOO = "digits_inr"  # a zoo name the params know; its data here is a small random SIREN zoo
+
+
+def make_project(root, n=96, epochs=60):
+    """params.yaml + a packed zoo and a split: everything `python -m stages.train` reads."""
+    rng = np.random.default_rng(0)
+    spec = {"family": "siren", "task": "classification", "num_classes": 10, "format": "test"}
+    rows = rng.uniform(-0.05, 0.05, (n, 1185)).astype(np.float32)
+    labels = rng.integers(0, 10, n)
+    rows[:, -1] += labels / 10  # the output bias carries the label: learnable
+    with PackedWriter(root / f"data/zoos/{ZOO}", capacity=n, total_params=n * 1185, spec=spec) as w:
+        w.add(list(rows), labels, [{}] * n, [DWSNETS_ARCH] * n, [f"m{i}" for i in range(n)])
+    (root / "data/splits").mkdir(parents=True)
+    (root / f"data/splits/{ZOO}.json").write_text(json.dumps({"train": list(range(64)), "val": list(range(64, 80)),
+                                                             "test": list(range(80, n))}))
+    params = tiny_params(seeds=[0, 1], checkpoint={"every_steps": 3, "every_seconds": 0})
+    params["train"][ZOO] = {"epochs": epochs, "batch_size": 16, "eval_every": 5}
+    params["method"]["probegen"] = {**params["method"]["probegen"], "hidden": 32, "layers": 3}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+def train(root, wait=True):
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train", ZOO, "probegen"], cwd=root, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if wait:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+    return proc
+
+
+def outputs(root):
+    folder = root / f"models/{ZOO}/probegen"
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def checkpoint(root):
+    return root / f".probegen/checkpoints/{ZOO}-probegen.pt"
+
+
+def kill_after_a_checkpoint(root):
+    """Start the stage, SIGKILL it as soon as it has written a checkpoint a few steps in; -> the step."""
+    proc = train(root, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoint(root).exists():
+            try:
+                step = torch.load(checkpoint(root), weights_only=True)["step"]
+            except Exception:  # caught mid-rename: try again
+                continue
+            if step >= 9:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return step
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("the stage finished (or hung) before it could be killed mid-run")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = make_project(tmp_path_factory.mktemp("straight"))
+    train(root)
+    assert not checkpoint(root).exists()  # removed when the run completes
+    return outputs(root)
+
+
+def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, uninterrupted):
+    root = make_project(tmp_path)
+    step = kill_after_a_checkpoint(root)
+    assert checkpoint(root).exists() and not (root / f"models/{ZOO}/probegen/seed-0.json").exists()
+    train(root)
+    assert not checkpoint(root).exists()
+    resumed = outputs(root)
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:  # models, metrics and the whole curves: the same bytes
+        assert resumed[name] == uninterrupted[name], f"{name} differs after resuming from step {step}"
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path, uninterrupted):
+    root = make_project(tmp_path)
+    kill_after_a_checkpoint(root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["method"]["probegen"]["lr"] = 0.001  # another run: the checkpoint's key no longer matches
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    train(root)
+    curve = (root / f"models/{ZOO}/probegen/live/seed-0/plots/metrics/train/loss.tsv").read_text()
+    assert curve != uninterrupted["live/seed-0/plots/metrics/train/loss.tsv"].decode()
+
+
+def test_a_corrupt_checkpoint_is_reported_in_one_line_and_ignored(tmp_path, uninterrupted):
+    root = make_project(tmp_path)
+    kill_after_a_checkpoint(root)
+    checkpoint(root).write_bytes(checkpoint(root).read_bytes()[:100])  # truncated
+    proc = train(root, wait=False)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "unreadable checkpoint" in warnings[0] and "starting over" in warnings[0]
+    assert outputs(root) == uninterrupted  # started over: the same run
