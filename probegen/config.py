@@ -167,6 +167,8 @@ class ZooConfig:
     sha256: str | None = None
     final_step: int | None = 86
     build: dict = field(default_factory=dict)
+    label_file: str | None = None  # dwsnets_inr: a split file carrying labels, for checkpoints that have none
+    label_sha256: str | None = None
 
 
 def zoo_config(params, name):
@@ -182,20 +184,26 @@ def zoo_config(params, name):
     final_step = pack.get("final_step", 86)  # null = each run's last checkpoint (the embedded zoo)
     if fmt == "small_cnn_zoo" and final_step is not None:
         final_step = _positive_int(final_step, f"{key}.pack.final_step")
+    labels = {"label_file": pack.get("label_file"),
+              "label_sha256": _sha256(pack.get("label_sha256"), f"{key}.pack.label_sha256")}
+    if labels["label_file"] is not None and (fmt != "dwsnets_inr" or not isinstance(labels["label_file"], str)):
+        _fail(f"{key}.pack.label_file", "a split file URL or path (dwsnets_inr zoos only) or null",
+              labels["label_file"])
     if source == "embedded":
-        return ZooConfig(name, source, fmt, nonfinite, final_step=final_step, build=_build_args(name, fmt, fetch))
+        return ZooConfig(name, source, fmt, nonfinite, final_step=final_step, build=_build_args(name, fmt, fetch),
+                         **labels)
     where = "url" if source == "url" else "path"
     url = fetch.get(where)
     if not isinstance(url, str) or not url:
         _fail(f"{key}.fetch.{where}", "a URL or path", url)
     return ZooConfig(name, source, fmt, nonfinite, url=url, sha256=_sha256(fetch.get("sha256"), f"{key}.fetch"),
-                     final_step=final_step)
+                     final_step=final_step, **labels)
 
 
 def _sha256(sha, key):
     if sha is not None and (not isinstance(sha, str) or len(sha) != 64
                             or any(c not in "0123456789abcdef" for c in sha.lower())):
-        _fail(f"{key}.sha256", "64 hex digits or null", sha)
+        _fail(key if key.endswith("sha256") else f"{key}.sha256", "64 hex digits or null", sha)
     return sha
 
 

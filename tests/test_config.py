@@ -63,3 +63,53 @@ def test_bad_yaml_names_the_file(tmp_path):
     bad.write_text("num_probes: [1,\n")
     with pytest.raises(ProbegenError, match=r"params.yaml: not valid YAML"):
         config.load_params(bad)
+
+
+# -------------------------------------------------------------- the wrong types of issue 13: one line each
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("method.probegen", "abc", r"method.probegen: expected a mapping of settings, got 'abc'"),
+    ("train.digits_inr", 5, r"train.digits_inr: expected a mapping of settings, got 5"),
+    ("split.digits_inr.seed", "zero", r"split.digits_inr.seed: expected an integer, got 'zero'"),
+    ("dead_leaves.seed", "0", r"dead_leaves.seed: expected an integer, got '0'"),
+    ("num_probes", 10_000_000, r"num_probes: expected a positive integer \(at most 65536\)"),
+    ("method.mlp.lr", float("inf"), r"method.mlp.lr: expected a positive number"),
+    ("method.mlp.hidden", "wide", r"method.mlp.hidden: expected a non-negative integer, got 'wide'"),
+    ("method.mlp.standardize", "yes", r"method.mlp.standardize: expected true or false"),
+    ("seeds", [0, 0], r"seeds: \[0, 0\] repeats a seed"),
+    ("zoos", ["digits_inr", "digits_inr"], r"zoos: 'digits_inr' is listed twice"),
+    ("checkpoint.every_steps", -1, r"checkpoint.every_steps: expected an integer >= 0"),
+    ("zoo.digits_inr.pack.label_file", 3, r"zoo.digits_inr.pack.label_file: expected a split file URL"),
+    ("zoo.digits_cnn.pack.label_file", "x.json", r"zoo.digits_cnn.pack.label_file:.*dwsnets_inr zoos only"),
+    ("localize.method", 7, r"localize.method: expected a probing method's name"),
+])
+def test_check_params_names_the_bad_key_in_one_line(params, key, value, words):
+    node = params
+    *path, last = key.split(".")
+    for part in path:
+        node = node[part]
+    node[last] = value
+    with pytest.raises(ProbegenError, match=words) as err:
+        config.check_params(params)
+    assert "\n" not in str(err.value)
+
+
+def test_check_params_accepts_the_defaults_and_notes_pairs_that_do_not_apply(params):
+    params["methods"]["weights"] = ["mlp", "dwsnets"]
+    notes = config.check_params(params)
+    assert notes == ["dwsnets on digits_cnn: skipped (" + config_reason("dwsnets", "small_cnn") + ")"]
+
+
+def config_reason(method, family):
+    from probegen.methods import METHODS
+    return METHODS[method].why_unsupported(family)
+
+
+def test_a_method_schedule_overrides_the_zoos(params):
+    params["method"]["mlp"]["schedule"] = {"digits_inr": {"epochs": 3}}
+    assert config.train_config(params, "digits_inr", "mlp") == config.TrainConfig(3, 32, 80)
+    assert config.train_config(params, "digits_cnn", "mlp") == config.train_config(params, "digits_cnn")
+    params["method"]["mlp"]["schedule"] = {"digits_inr": {"epoch": 3}}
+    with pytest.raises(ProbegenError, match=r"method.mlp.schedule.digits_inr: expected a mapping of"):
+        config.train_config(params, "digits_inr", "mlp")

@@ -119,3 +119,31 @@ def test_a_corrupt_checkpoint_is_reported_in_one_line_and_ignored(tmp_path, unin
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "unreadable checkpoint" in warnings[0] and "starting over" in warnings[0]
     assert outputs(root) == uninterrupted  # started over: the same run
+
+
+class _Payload:
+    """Pickles to a call of os.system: what a poisoned checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_hostile_checkpoint_runs_nothing_and_is_ignored(tmp_path):
+    from fake_zoo import make_zoo, split_of
+    from probegen.methods import build_method
+    from probegen.train import Checkpoint, train
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "ck.pt"
+    torch.save({"key": "k", "step": 1, "members": [_Payload(marker)]}, path)
+    told = []
+    zoo = make_zoo("siren", [DWSNETS_ARCH], 40, num_classes=10, std=0.05)
+    method = build_method("mlp", zoo, {"hidden": 8, "layers": 2}, num_probes=None, seed=0)
+    result = train(method, zoo, split_of(40), seed=0, epochs=1, batch_size=8, lr=1e-3, eval_every=2,
+                   device="cpu", progress=False, checkpoint=Checkpoint(path, "k", 1, 0, on_corrupt=told.append))
+    assert not marker.exists()  # the payload never ran
+    assert len(told) == 1 and "unreadable checkpoint" in told[0]
+    assert result.metrics["steps"] == 3  # trained from scratch

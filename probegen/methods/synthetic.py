@@ -25,10 +25,12 @@ class Synthetic(ProbingMethod):
         if len(self.input_shape) == 1:
             probes = torch.rand(K, *self.input_shape) * 2 - 1  # (K, d) uniform in [-1, 1]
         else:
-            if probe_pool is None or len(probe_pool) < K:
-                have = "no pool" if probe_pool is None else f"a pool of {len(probe_pool)}"
-                raise ProbegenError(f"method 'synthetic': needs {K} Dead-Leaves images, got {have}; "
-                                    f"raise dead_leaves.pool_size to at least num_probes")
+            if probe_pool is None:
+                raise ProbegenError("method 'synthetic': the Dead-Leaves pool (data/probes/dead_leaves.npy) is "
+                                    "missing; run the render_probes stage first")
+            if len(probe_pool) < K:
+                raise ProbegenError(f"method 'synthetic': needs {K} Dead-Leaves images, the pool has "
+                                    f"{len(probe_pool)}; raise dead_leaves.pool_size to at least num_probes")
             pool = torch.from_numpy(np.array(probe_pool[:K], dtype=np.float32))  # a copy: the pool may be a memmap
             probes = to_input_range(pool, self.input_shape)
         self.fixed = FixedProbes(probes)

@@ -27,7 +27,6 @@ counterfactuals.
 import contextlib
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,8 @@ from scipy.optimize import linear_sum_assignment  # noqa: E402
 from probegen.errors import ProbegenError  # noqa: E402
 from probegen.io import atomic_dir, read_json, write_json  # noqa: E402
 from probegen.methods.base import zoo_rows  # noqa: E402
-from probegen.nets import get_family, num_params  # noqa: E402
+from probegen.nets import get_family, get_layout  # noqa: E402
+from probegen.nets.layout import take  # noqa: E402
 from probegen.patching.engine import Patcher  # noqa: E402
 from probegen.patching.evaluate import METRICS, effects, summarize  # noqa: E402
 from probegen.patching.graph import Graph, Node  # noqa: E402
@@ -51,7 +51,8 @@ from probegen.patching.paths import EVERYTHING, NOTHING, parse_hypothesis, parse
 
 @dataclass
 class LocalizeConfig:
-    seed: int = 0  # which trained predictor (probegen-<seed>.pt); also seeds the pairs and the bootstrap
+    method: str = "probegen"  # the prober to analyse; the first trained probing method if it was not trained
+    seed: int = 0  # which of its seeds (models/<zoo>/<method>/seed-<seed>.pt); also seeds pairs and bootstrap
     n_pairs: int = 256
     n_boot: int = 500
     target: float = 0.9  # the greedy probe set stops at this proportion explained
@@ -73,27 +74,24 @@ class LocalizeConfig:
         t = cfg.target
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
             raise ProbegenError(f"params.yaml: localize.target: expected a number in (0, 1], got {t!r}")
+        if not isinstance(cfg.method, str):
+            raise ProbegenError(f"params.yaml: localize.method: expected a probing method's name, got {cfg.method!r}")
         return cfg
 
 
 # --------------------------------------------------------------------------------------- predictor, pairs
 
 
-def load_predictor(zoo_name, seed, root="."):
-    """The trained ProbeGen predictor of a zoo (eval mode) and its packed zoo, as aggregate rebuilds them."""
-    from probegen.experiment import output_paths
-    from probegen.methods import build_method
-    from probegen.zoo.packed import load_packed
+def load_predictor(zoo_name, seed, root=".", method="probegen"):
+    """A trained probing predictor of a zoo (eval mode) and its packed zoo, as aggregate rebuilds them."""
+    from probegen import saved
+    from probegen.experiment import run_paths
 
-    path = output_paths(zoo_name, "probegen", seed, root)["model"]
+    path = run_paths(zoo_name, method, seed, root)["model"]
     if not path.exists():
-        raise ProbegenError(f"{path}: missing; run probe@{zoo_name}-probegen-{seed} first")
-    ckpt = torch.load(path, weights_only=False)
-    zoo = load_packed(Path(root) / f"data/zoos/{zoo_name}")
-    method = build_method("probegen", zoo, ckpt["method_cfg"], num_probes=ckpt["metrics"]["num_probes"],
-                          probe_pool=None, seed=seed)
-    method.load_state_dict(ckpt["state_dict"], strict=False)
-    return method.eval(), zoo
+        raise ProbegenError(f"{path}: missing; run probe@{zoo_name}-{method} first")
+    predictor, zoo, _ = saved.load_trained(path, root, zoo=zoo_name, method=method, seed=seed)
+    return predictor, zoo
 
 
 def make_pairs(zoo, test_idx, n_pairs, seed):
@@ -277,23 +275,21 @@ def _interactions(top, single, pair_rows):
 
 
 def layer_units(family, arch):
-    """[(name, start, end)]: the probed network's layers as column ranges of a packed row; a layer is the
-    consecutive parameters sharing a state-dict prefix ('seq.0', 'convs.2', 'fc')."""
+    """[(name, start, end)]: the probed network's layers (its declared layout) as column ranges of a
+    packed row, e.g. ('seq.0', 0, 96)."""
     units, start = [], 0
-    for name, shape in get_family(family).param_shapes(arch):
-        prefix, size = name.rsplit(".", 1)[0], math.prod(shape)
-        if units and units[-1][0] == prefix:
-            units[-1][2] += size
-        else:
-            units.append([prefix, start, start + size])
-        start += size
-    return [tuple(u) for u in units]
+    lay = get_layout(family, arch)
+    for layer, w, b in zip(lay.layers, lay.sizes[0::2], lay.sizes[1::2]):
+        units.append((layer.name, start, start + w + b))
+        start += w + b
+    return units
 
 
 def layer_graph(method, arch, probes, chunk=64):
-    """Leaves layer0..layer{L-1} -> net (the family's forward on all probes) -> head; raw input (B, D) rows."""
+    """Leaves = the probed network's layers by name ('seq.0', ...) -> net (the family's forward on all
+    probes, one slot per layer) -> head; the raw input is (B, D) rows."""
     fam, units = get_family(method.family), layer_units(method.family, arch)
-    leaves = [f"layer{i}" for i in range(len(units))]
+    leaves = [name for name, _, _ in units]
 
     def net(**slots):  # (N, d_l) per layer -> responses (N, K, out); in row chunks to bound activations
         w = torch.cat([slots[n] for n in leaves], 1)  # (N, D_arch), packed order
@@ -301,7 +297,7 @@ def layer_graph(method, arch, probes, chunk=64):
 
     nodes = [Node("net", net, {n: (n,) for n in leaves}),
              Node("head", lambda r: method.head(r.flatten(1)), {"r": ("net",)})]
-    return Graph(leaves, nodes, "head", embed=lambda w: {n: w[:, s:e] for n, (_, s, e) in zip(leaves, units)})
+    return Graph(leaves, nodes, "head", embed=lambda w: {n: w[:, s:e] for n, s, e in units})
 
 
 def layer_hypotheses(graph):
@@ -315,98 +311,89 @@ def layer_hypotheses(graph):
 
 
 def layer_names(method, arch_ids):
-    """The probed network's layer names; every architecture among the pairs must have the same layers, since
-    per-pair values of one hypothesis are pooled across architectures."""
-    names = {tuple(n for n, _, _ in layer_units(method.family, method.archs[a])) for a in np.unique(arch_ids)}
-    if len(names) != 1:
-        raise ProbegenError(f"localize: the pairs' architectures have different layers {sorted(names)}")
-    return list(names.pop())
+    """Layer names of the pairs' architectures, in network order; a zoo of mixed depths (Wild Park: 2-5
+    convolutions) gives the union, each layer then scored on the pairs whose architecture has it."""
+    lists = sorted((tuple(n for n, _, _ in layer_units(method.family, method.archs[a])) for a in np.unique(arch_ids)),
+                   key=len, reverse=True)
+    names = list(lists[0])
+    for other in lists[1:]:
+        names += [n for n in other if n not in names]
+    return names
 
 
 def layer_effects(method, w_ref, w_cf, arch_ids, metric):
-    """Per-pair d for NOTHING and every layer hypothesis: {name: (B,)}. One graph per architecture
-    present (the family's math depends on it); pairs share their arch."""
+    """Per-pair d for NOTHING and every layer hypothesis: {name: (B,)}, NaN where the pair's architecture
+    has no such layer. One graph per architecture present (the family's math depends on it)."""
     probes = method.probes().detach().float()
     d, out = METRICS[metric](), {}
     for a in np.unique(arch_ids):
-        rows = torch.from_numpy(np.flatnonzero(arch_ids == a))
+        rows = np.flatnonzero(arch_ids == a)
         graph = layer_graph(method, method.archs[a], probes)
         hyps = {"none": NOTHING, **layer_hypotheses(graph)}
         values = effects(Patcher(graph, w_ref[rows], w_cf[rows]), list(hyps.values()), d, chunk=1)
         for name, v in zip(hyps, values):
-            out.setdefault(name, []).append(v)
-    return {name: np.concatenate(v) for name, v in out.items()}
+            out.setdefault(name, np.full(len(arch_ids), np.nan))[rows] = v
+    return out
 
 
 def score_layers(values, names, n_boot, seed):
-    """{none, only:layerI, all_but:layerI, all: (B,)} -> rows per layer with bootstrap CIs."""
-    s = lambda key: summarize(values[key], values["none"], n_boot, seed)
+    """{none, only:<layer>, all_but:<layer>, all: (B,)} -> rows per layer with bootstrap CIs, each over the
+    pairs whose architecture has that layer."""
+    def s(key):
+        have = ~np.isnan(values[key])
+        return {"pairs": int(have.sum()), **summarize(values[key][have], values["none"][have], n_boot, seed)}
+
     return {"ate": float(values["none"].mean()),
-            "only": [{"layer": n, **s(f"only:layer{i}")} for i, n in enumerate(names)],
-            "all_but": [{"layer": n, **s(f"all_but:layer{i}")} for i, n in enumerate(names)],
+            "only": [{"layer": n, **s(f"only:{n}")} for n in names],
+            "all_but": [{"layer": n, **s(f"all_but:{n}")} for n in names],
             "all": s("all")}
 
 
 # ------------------------------------------------------------------------------------- neuron alignment
 
 
-def _take(x, perm, axis):
-    """x (B, ...) reordered along `axis` by a per-row permutation perm (B, n): out[b] = x[b] index perm[b]."""
-    shape = [1] * x.dim()
-    shape[0], shape[axis] = perm.shape[0], perm.shape[1]
-    return x.gather(axis, perm.view(shape).expand(*x.shape[:axis], perm.shape[1], *x.shape[axis + 1:]))
-
-
-def _chain(family, arch, w):
-    """unflatten's [(W (B, out, in, ...), b (B, out))] per layer: hidden unit j of layer l is row j of W_l,
-    entry j of b_l and column j of W_{l+1} (true of the siren and small_cnn families)."""
-    fam = get_family(family)
-    if not hasattr(fam, "unflatten"):
-        raise ProbegenError(f"family {family!r}: no unflatten(arch, weights); cannot align its hidden units")
-    return fam.unflatten(arch, w)
-
-
-def permute_units(family, arch, w, perms):
-    """Rows w (B, D) with hidden units reordered: new unit j of hidden layer l = old unit perms[l][:, j].
-    Function-preserving for elementwise activations. Columns beyond the network (padding) are kept."""
-    layers = _chain(family, arch, w)
-    parts = []
-    for l, (W, b) in enumerate(layers):
-        if l < len(perms):  # this layer's outputs are hidden units
-            W, b = _take(W, perms[l], 1), _take(b, perms[l], 1)
-        if l > 0:  # its inputs are the previous layer's units
-            W = _take(W, perms[l - 1], 2)
-        parts += [W.flatten(1), b]
-    packed = torch.cat(parts, 1)
-    return torch.cat([packed, w[:, packed.shape[1]:]], 1)
-
-
 def align(family, arch, w_ref, w_cf, sweeps=10):
     """Weight matching (Ainsworth et al. 2023, 'Git Re-Basin'): permute each counterfactual's hidden units to
-    the reference's. A first pass goes layer by layer on incoming weights + biases (given the previous
-    layer's permutation); then coordinate descent adds the outgoing weights, each step a linear assignment
-    (scipy) given the neighbouring permutations. Returns (aligned rows (B, D), perms [(B, width)])."""
-    A, C = _chain(family, arch, w_ref), _chain(family, arch, w_cf)
+    the reference's, within the symmetry the layout declares (tied residual channels move together).
+
+    Coordinate descent over the ties: each step is one linear assignment (scipy) per tie and row, on the
+    summed similarity of the tie's channels over every layer they appear in, given the other permutations.
+    The first sweep goes in network order on incoming weights + biases only (the outgoing side is not
+    aligned yet), using a layer once the permutation of its inputs is known; later sweeps add the outgoing
+    weights. Returns (aligned rows (B, D), perms [(B, width)] per hidden layer)."""
+    lay = get_layout(family, arch)
+    A, C = lay.split(w_ref), lay.split(w_cf)
     B = w_ref.shape[0]
-    perms = [torch.arange(W.shape[1]).expand(B, -1).contiguous() for W, _ in A[:-1]]
+    perms = [torch.arange(lay.layers[l].units_out).expand(B, -1).contiguous() for l in lay.hidden]
+    ties = sorted(lay.ties().items(), key=lambda kv: (kv[1][0][0], kv[1][0][1].start))  # network order
     for sweep in range(sweeps + 1):
-        changed = False
-        for l in range(len(perms)):
-            # sweep 0 ignores the outgoing weights: the next layer's permutation is not known yet
-            new = _assign(_similarity(A, C, perms, l, outgoing=sweep > 0))
-            changed |= not torch.equal(new, perms[l])
-            perms[l] = new
+        changed, done = False, set()
+        for tie, members in ties:
+            used = members if sweep else [  # the first sweep: only layers whose input permutation is final
+                (l, s) for l, s in members if l == 0 or all(t in done for t in _ties_of(lay, l - 1))]
+            sim = sum(_similarity(A, C, perms, l, outgoing=sweep > 0)[:, s.start:s.end, s.start:s.end]
+                      for l, s in used)
+            local = _assign(sim)  # (B, n)
+            for l, s in members:
+                new = local + s.start
+                changed |= not torch.equal(new, perms[l][:, s.start:s.end])
+                perms[l][:, s.start:s.end] = new
+            done.add(tie)
         if sweep > 0 and not changed:
             break
-    return permute_units(family, arch, w_cf, perms), perms
+    return lay.permute(w_cf, perms), perms
+
+
+def _ties_of(lay, l):
+    return {s.tie for s in lay.segments[l]}
 
 
 def _similarity(A, C, perms, l, outgoing):
     """(B, h, h): ref unit i vs cf unit j of hidden layer l, as inner products of their weights."""
-    W_in = C[l][0] if l == 0 else _take(C[l][0], perms[l - 1], 2)  # (B, h, in, ...) inputs in ref order
+    W_in = C[l][0] if l == 0 else take(C[l][0], perms[l - 1], 2)  # (B, h, in, ...) inputs in ref order
     sim = A[l][0].flatten(2) @ W_in.flatten(2).transpose(1, 2) + A[l][1][:, :, None] * C[l][1][:, None, :]
     if outgoing:
-        W_out = C[l + 1][0] if l + 1 == len(perms) else _take(C[l + 1][0], perms[l + 1], 1)  # (B, out, h, ...)
+        W_out = C[l + 1][0] if l + 1 == len(perms) else take(C[l + 1][0], perms[l + 1], 1)  # (B, out, h, ...)
         a, c = A[l + 1][0].transpose(1, 2).flatten(2), W_out.transpose(1, 2).flatten(2)  # (B, h, out * ...)
         sim = sim + a @ c.transpose(1, 2)
     return sim
@@ -417,11 +404,15 @@ def _assign(sim):
     return torch.stack([torch.from_numpy(linear_sum_assignment(s, maximize=True)[1]) for s in sim.numpy()])
 
 
+def _by_arch(arch_ids):
+    """(arch index, rows tensor) for each architecture present."""
+    return [(a, torch.from_numpy(np.flatnonzero(arch_ids == a))) for a in np.unique(arch_ids)]
+
+
 def align_rows(method, w_ref, w_cf, arch_ids):
     """align() per architecture present: the aligned counterfactual rows (B, D)."""
     aligned = w_cf.clone()
-    for a in np.unique(arch_ids):
-        rows = torch.from_numpy(np.flatnonzero(arch_ids == a))
+    for a, rows in _by_arch(arch_ids):
         aligned[rows] = align(method.family, method.archs[a], w_ref[rows], w_cf[rows])[0]
     return aligned
 
@@ -429,8 +420,7 @@ def align_rows(method, w_ref, w_cf, arch_ids):
 def distance_ratio(method, w_ref, w_cf, aligned, arch_ids):
     """Per layer, mean over pairs of ||ref - aligned|| / ||ref - cf||: how much closer alignment brings them."""
     ratios = {}
-    for a in np.unique(arch_ids):
-        rows = torch.from_numpy(np.flatnonzero(arch_ids == a))
+    for a, rows in _by_arch(arch_ids):
         for name, s, e in layer_units(method.family, method.archs[a]):
             before = (w_ref[rows, s:e] - w_cf[rows, s:e]).norm(dim=1)
             after = (w_ref[rows, s:e] - aligned[rows, s:e]).norm(dim=1)
@@ -438,43 +428,53 @@ def distance_ratio(method, w_ref, w_cf, aligned, arch_ids):
     return {name: float(torch.cat(r).mean()) for name, r in ratios.items()}
 
 
-def random_perms(family, arch, B, seed):
-    """A random permutation of every hidden layer, per row: [(B, width)]."""
-    gen = torch.Generator().manual_seed(seed)
-    widths = [W.shape[1] for W, _ in _chain(family, arch, torch.zeros(1, num_params(family, arch)))[:-1]]
-    return [torch.stack([torch.randperm(h, generator=gen) for _ in range(B)]) for h in widths]
+def random_permutation(family, archs, w, arch_ids, seed):
+    """Rows w (B, D) with their hidden units permuted at random, within each layout's symmetry."""
+    gen, permuted = torch.Generator().manual_seed(seed), w.clone()
+    for a, rows in _by_arch(arch_ids):
+        lay = get_layout(family, archs[a])
+        permuted[rows] = lay.permute(w[rows], lay.random_permutation(len(rows), gen))
+    return permuted
 
 
 def analyse_layers(method, w_ref, w_cf, arch_ids, metric, *, n_boot, seed, sanity_pairs=64):
-    """Analysis 2 on aligned counterfactuals (and raw ones, to show the off-distribution cost), plus the
-    permuted-reference sanity check on the first `sanity_pairs` references."""
+    """Analysis 2 on aligned counterfactuals (and raw ones, to show the off-distribution cost), after the
+    permuted-reference sanity check on the first `sanity_pairs` references has passed."""
+    sanity = permutation_sanity(method, w_ref[:sanity_pairs], arch_ids[:sanity_pairs], metric, seed)
     names = layer_names(method, arch_ids)
     aligned = align_rows(method, w_ref, w_cf, arch_ids)
     return {"layers": names,
             "aligned": score_layers(layer_effects(method, w_ref, aligned, arch_ids, metric), names, n_boot, seed),
             "raw": score_layers(layer_effects(method, w_ref, w_cf, arch_ids, metric), names, n_boot, seed),
             "distance_ratio_after_alignment": distance_ratio(method, w_ref, w_cf, aligned, arch_ids),
-            "sanity": permutation_sanity(method, w_ref[:sanity_pairs], arch_ids[:sanity_pairs], metric, seed)}
+            "sanity": sanity}
+
+
+SANITY_TOLERANCE = 1e-6  # largest AUE, relative to the total effect, that a same-function mix may show
 
 
 def permutation_sanity(method, w_ref, arch_ids, metric, seed):
     """Counterfactual = the reference with its hidden units permuted at random (the same function). After
-    alignment every layer hypothesis must give AUE = 0; mixed without alignment it need not."""
-    permuted = w_ref.clone()
-    for a in np.unique(arch_ids):
-        rows = torch.from_numpy(np.flatnonzero(arch_ids == a))
-        perms = random_perms(method.family, method.archs[a], len(rows), seed)
-        permuted[rows] = permute_units(method.family, method.archs[a], w_ref[rows], perms)
+    alignment every layer hypothesis must give AUE = 0 (else a ProbegenError: the alignment or the declared
+    symmetry is wrong); mixed without alignment it need not, and the raw AUEs are reported for contrast."""
+    permuted = random_permutation(method.family, method.archs, w_ref, arch_ids, seed)
+    gap = float(_output_gap(method, w_ref, permuted, arch_ids))
     aligned = align_rows(method, w_ref, permuted, arch_ids)
     fixed = layer_effects(method, w_ref, aligned, arch_ids, metric)
     raw = layer_effects(method, w_ref, permuted, arch_ids, metric)
-    return {"pairs": len(w_ref),
-            "function_max_abs_diff": float(_output_gap(method, w_ref, permuted, arch_ids)),
+    aue = {k: float(np.nanmean(v)) for k, v in fixed.items() if k != "none"}
+    scale = max(float(np.nanmean(raw[k])) for k in raw if k != "none")
+    worst = max(aue, key=aue.get)
+    if gap > 1e-4 or aue[worst] > SANITY_TOLERANCE * max(scale, 1.0):
+        raise ProbegenError(f"localize: the permuted-reference sanity check failed ({method.family}: "
+                            f"function changed by {gap:.2g}, AUE of {worst} after alignment {aue[worst]:.2g}); "
+                            "the declared symmetry or the alignment is wrong")
+    return {"pairs": len(w_ref), "function_max_abs_diff": gap,
             # < 1: a unit with a near-duplicate (e.g. two dead ReLU channels) may be matched to its twin
             "aligned_exact_fraction": float((aligned == w_ref).all(1).double().mean()),
             "aligned_max_abs_weight_diff": float((aligned - w_ref).abs().max()),
-            "aue_aligned": {k: float(v.mean()) for k, v in fixed.items() if k != "none"},
-            "aue_raw": {k: float(v.mean()) for k, v in raw.items() if k != "none"}}
+            "aue_aligned": aue,
+            "aue_raw": {k: float(np.nanmean(v)) for k, v in raw.items() if k != "none"}}
 
 
 @torch.no_grad()
@@ -486,12 +486,34 @@ def _output_gap(method, w_a, w_b, arch_ids):
 # ------------------------------------------------------------------------------------------------- stage
 
 
-def run_localize(zoo_name, seed, *, n_pairs, n_boot, target, top_probes=8, root=".", threads=1):
-    """localize@<zoo>: all three analyses on the trained predictor probegen-<seed>; writes
+def localize_stage(zoo_name, cfg, probe_methods, root="."):
+    """localize@<zoo>: analyse cfg.method if it was trained, else the first probing method that was (e.g.
+    `methods.probe=[vanilla]`), else write a note that there is nothing to localize. -> a one-line summary."""
+    from probegen.experiment import run_paths
+
+    root = Path(root)
+    candidates = [cfg.method] + [m for m in probe_methods if m != cfg.method]
+    trained = [m for m in candidates if run_paths(zoo_name, m, cfg.seed, root)["model"].exists()]
+    if not trained:
+        note = f"no trained probing method to localize (tried {candidates}, seed {cfg.seed})"
+        write_json(root / f"metrics/localize/{zoo_name}.json", {"zoo": zoo_name, "skipped": note})
+        with atomic_dir(root / f"plots/localize/{zoo_name}"):
+            pass  # an empty folder: the stage's declared output
+        return f"localize {zoo_name}: skipped, {note}"
+    out = run_localize(zoo_name, cfg.seed, method=trained[0], n_pairs=cfg.n_pairs, n_boot=cfg.n_boot,
+                       target=cfg.target, top_probes=cfg.top_probes, root=root)
+    layers = ", ".join(f"{r['layer']} {r['explained']:.2f}" for r in out["layers"]["aligned"]["only"]
+                       if r["explained"] is not None)
+    return (f"localize {zoo_name} ({out['method']} seed {cfg.seed}): {out['probes']['smallest_size']} of "
+            f"{out['num_probes']} probes explain >= {cfg.target:.0%}; single layers from the reference: {layers}")
+
+
+def run_localize(zoo_name, seed, *, n_pairs, n_boot, target, top_probes=8, root=".", threads=1, method="probegen"):
+    """All three analyses on the trained predictor models/<zoo>/<method>/seed-<seed>.pt; writes
     metrics/localize/<zoo>.json and plots/localize/<zoo>/ under root, returns the metrics dict.
     threads: torch threads while it runs (0 = leave torch's setting)."""
     with _torch_threads(threads):
-        return _run_localize(zoo_name, seed, n_pairs, n_boot, target, top_probes, Path(root))
+        return _run_localize(zoo_name, seed, method, n_pairs, n_boot, target, top_probes, Path(root))
 
 
 @contextlib.contextmanager
@@ -507,9 +529,8 @@ def _torch_threads(n):
         torch.set_num_threads(old)
 
 
-def _run_localize(zoo_name, seed, n_pairs, n_boot, target, top_probes, root):
-    t0 = time.perf_counter()
-    method, zoo = load_predictor(zoo_name, seed, root)
+def _run_localize(zoo_name, seed, method_name, n_pairs, n_boot, target, top_probes, root):
+    method, zoo = load_predictor(zoo_name, seed, root, method_name)
     split_path = root / f"data/splits/{zoo_name}.json"
     if not split_path.exists():
         raise ProbegenError(f"{split_path}: missing; run split@{zoo_name} first")
@@ -523,8 +544,8 @@ def _run_localize(zoo_name, seed, n_pairs, n_boot, target, top_probes, root):
         probes = analyse_probes(method, r_ref, r_cf, metric, target=target, top_probes=top_probes,
                                 n_boot=n_boot, seed=seed)
         layers = analyse_layers(method, w_ref, w_cf, arch_ids, metric, n_boot=n_boot, seed=seed)
-    result = {"zoo": zoo_name, "seed": seed, "task": zoo.task, "metric": metric, "target": target,
-              "num_probes": method.num_probes, "n_pairs": n_pairs, "pair_rule": rule,
+    result = {"zoo": zoo_name, "method": method_name, "seed": seed, "task": zoo.task, "metric": metric,
+              "target": target, "num_probes": method.num_probes, "n_pairs": n_pairs, "pair_rule": rule,
               "pairs_per_arch": {str(a): int((arch_ids == a).sum()) for a in np.unique(arch_ids)},
               "distinct_references": int(len(np.unique(ref_idx))),
               "probes": probes, "layers": layers}
@@ -535,8 +556,7 @@ def _run_localize(zoo_name, seed, n_pairs, n_boot, target, top_probes, root):
         plot_selected(p, probes, zoo, out / "probes_selected.png", zoo_name)
         plot_layers(layers, out / "layers.png", zoo_name)
         plot_interactions(probes["interactions"], out / "interactions.png", zoo_name)
-    result["seconds"] = time.perf_counter() - t0
-    write_json(root / f"metrics/localize/{zoo_name}.json", result)
+    write_json(root / f"metrics/localize/{zoo_name}.json", result)  # no timings: same inputs, same bytes
     return result
 
 

@@ -28,8 +28,6 @@ R_MIN, R_MAX, ALPHA = 0.03, 1.0, 3.0  # radius range (fraction of the resolution
 SHAPES_PER_STEP = 32  # per image and step; the images depend on it (and on the seed)
 PAIRS = "auto"  # how a step finds candidate (pixel, shape) pairs: auto | window | list (same images)
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L") and torchvision's Grayscale
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
 def render(n, resolution=32, seed=0, channels=3, max_shapes=5000):
@@ -179,19 +177,11 @@ def to_gray(images):
     return gray.astype(np.float32) if isinstance(gray, np.ndarray) else gray
 
 
-def cifar_normalize(images):
-    """RGB in [0, 1] (..., 3, H, W) -> CIFAR-10 mean/std normalised; numpy or torch in, same kind out."""
-    mean = np.asarray(CIFAR10_MEAN, dtype=np.float32).reshape(3, 1, 1)
-    std = np.asarray(CIFAR10_STD, dtype=np.float32).reshape(3, 1, 1)
-    if isinstance(images, torch.Tensor):
-        mean, std = torch.from_numpy(mean).to(images), torch.from_numpy(std).to(images)
-    return (images - mean) / std
-
-
 def to_input_range(images, input_shape):
     """RGB pool in [0, 1] (P, 3, R, R) -> what a zoo with this input_shape sees.
 
-    1 channel (Small CNN Zoo): luminance scaled to [-1, 1]. 3 channels (Wild Park): CIFAR-10 normalised.
+    1 channel (Small CNN Zoo): luminance scaled to [-1, 1]. 3 channels (Wild Park): normalised with the
+    CIFAR-10 mean and std the Wild Park zoo was trained with (probegen.nets.wild_park.normalize).
     """
     if len(input_shape) != 3 or input_shape[0] not in (1, 3):
         raise ProbegenError(f"dead_leaves: image probes need an input of shape (1 or 3, H, W), got {tuple(input_shape)}")
@@ -200,4 +190,6 @@ def to_input_range(images, input_shape):
                             f"{tuple(input_shape)}; render the pool at resolution {input_shape[-1]}")
     if input_shape[0] == 1:
         return to_gray(images) * 2 - 1
-    return cifar_normalize(images)
+    from probegen.nets.wild_park import normalize  # the Wild Park zoo's own CIFAR-10 constants: one source
+
+    return normalize(torch.as_tensor(images))

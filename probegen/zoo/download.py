@@ -7,6 +7,7 @@ it into data/raw/mnist_inr/, which appears complete or not at all. A local path 
 researcher's own zoo, as an archive or an unpacked folder) is copied instead of downloaded.
 """
 
+import errno
 import gzip
 import hashlib
 import http.client
@@ -234,26 +235,49 @@ def _size(path):
 # extraction
 
 def extract(archive, target_dir):
-    """Unpack a zip / tar / tar.gz / tar.xz archive into target_dir, atomically.
+    """Unpack a zip / tar / tar.gz / tar.xz / tar.bz2 archive into target_dir, atomically.
 
     Members are unpacked into a temporary folder next to target_dir, which replaces target_dir only
     when everything succeeded. Members that would land outside (absolute paths, `..`, links pointing
-    outside) are refused, as are corrupt or truncated archives: one ProbegenError naming the file.
+    outside, files written through a link), special files (devices, FIFOs), archives without a single
+    file, and corrupt or truncated archives are refused: one ProbegenError naming the file.
     """
     archive, target_dir = Path(archive), Path(target_dir)
     if not archive.is_file():
         raise ProbegenError(f"{archive}: no such archive")
+    kind = archive_format(archive)
+    if kind is None:
+        raise ProbegenError(f"{archive}: not a zip or tar archive (tar, tar.gz, tar.xz, tar.bz2)")
     try:
         with atomic_dir(target_dir) as tmp:
-            if zipfile.is_zipfile(archive):
-                _extract_zip(archive, tmp)
-            else:
-                _extract_tar(archive, tmp)
+            (_extract_tar if kind == "tar" else _extract_zip)(archive, tmp)
+            if not any(p.is_file() for p in tmp.rglob("*")):
+                raise ProbegenError(f"{archive}: the archive holds no files")
     except ARCHIVE_ERRORS as err:
         detail = " ".join(str(err).split())  # tarfile's reasons span several lines: keep one
-        raise ProbegenError(f"{archive}: corrupt, truncated or not a zip/tar archive "
+        raise ProbegenError(f"{archive}: corrupt, truncated or not a {kind} archive "
                             f"({type(err).__name__}: {detail})") from None
     return target_dir
+
+
+# Compressed streams (only tars are published compressed), then the tar and zip signatures.
+COMPRESSED_TAR_MAGIC = (b"\x1f\x8b", b"\xfd7zXZ\x00", b"BZh")
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; the end record of an empty zip
+
+
+def archive_format(path):
+    """"tar", "zip" or None, from the file's first bytes (never its name). Tar first: a plain tar whose
+    last member is itself a zip (a .pth checkpoint) also passes zipfile.is_zipfile, which looks for a
+    zip directory at the end of the file."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(COMPRESSED_TAR_MAGIC) or head[257:262] == b"ustar":
+        return "tar"
+    if head.startswith(ZIP_MAGIC):
+        return "zip"
+    if tarfile.is_tarfile(path):  # a pre-POSIX (v7) tar has no magic
+        return "tar"
+    return None
 
 
 def _extract_zip(archive, tmp):
@@ -267,18 +291,33 @@ def _extract_zip(archive, tmp):
 def _extract_tar(archive, tmp):
     # one streaming pass (a second pass over a multi-GB .tar.xz would decompress it twice);
     # a refusal midway is harmless because tmp is discarded
+    root = os.path.realpath(tmp)
     with tarfile.open(archive, "r:*") as tf:
         for member in tf:
             _check_name(archive, member.name)
+            if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+                raise ProbegenError(f"{archive}: refusing member {member.name!r}: a device file or FIFO, "
+                                    f"not a file, folder or link")
+            # Lexically first, then on disk: a member may go through a link extracted before it.
+            _check_inside(archive, member.name, root, os.path.join(root, member.name))
             if member.issym():
                 link = posixpath.join(posixpath.dirname(member.name), member.linkname)
                 _check_link(archive, member.name, link)
+                _check_inside(archive, member.name, root, os.path.join(root, link), "links")
             elif member.islnk():
                 _check_link(archive, member.name, member.linkname)  # hard links name a member
+                _check_inside(archive, member.name, root, os.path.join(root, member.linkname), "links")
             try:
                 tf.extract(member, tmp, **TAR_FILTER)
             except tarfile.FilterError as err:
                 raise ProbegenError(f"{archive}: refusing member {member.name!r}: {err}") from None
+
+
+def _check_inside(archive, name, root, path, verb="would land"):
+    """path, with the links already on disk resolved, must stay under root (the extraction folder)."""
+    real = os.path.realpath(path)
+    if real != root and not real.startswith(root + os.sep):
+        raise ProbegenError(f"{archive}: refusing member {name!r}: it {verb} outside the target folder")
 
 
 def _check_name(archive, name):
@@ -295,6 +334,44 @@ def _check_link(archive, name, target):
 
 
 # -----------------------------------------------------------------------------
+# a researcher's own zoo folder
+
+def check_own_folder(src):
+    """A zoo folder to copy: at least one file; links only to files and folders inside it, and no
+    folder reached twice through links (a loop would make the copy endless, a repeat duplicates models);
+    no devices or FIFOs (reading a FIFO blocks). Otherwise one ProbegenError naming the entry."""
+    root = os.path.realpath(src)
+    seen, files = {root}, 0
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        for name in dirs + names:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                _check_own_link(src, root, path)
+            real = os.path.realpath(path)
+            if name in dirs:
+                if real in seen:
+                    what = "a symlink loop" if (folder + os.sep).startswith(real + os.sep) else "a folder linked twice"
+                    raise ProbegenError(f"{path}: {what} in the zoo folder {src}")
+                seen.add(real)
+            elif os.path.isfile(real):
+                files += 1
+            else:
+                raise ProbegenError(f"{path}: not a regular file (a device, FIFO or socket) in the zoo folder")
+    if files == 0:
+        raise ProbegenError(f"{src}: the zoo folder holds no files")
+
+
+def _check_own_link(src, root, path):
+    try:
+        real = os.path.realpath(path, strict=True)
+    except OSError as err:  # ELOOP (a link to itself, or a cycle of links), or a dangling link
+        what = "a symlink loop" if err.errno == errno.ELOOP else "a broken symlink"
+        raise ProbegenError(f"{path}: {what} in the zoo folder {src}") from None
+    if real != root and not real.startswith(root + os.sep):
+        raise ProbegenError(f"{path}: a symlink pointing outside the zoo folder {src} (to {real})")
+
+
+# -----------------------------------------------------------------------------
 # a zoo: download once, extract atomically
 
 def fetch_zoo(url, raw_dir, *, sha256=None, archive_name=None, cache_dir="data/downloads", progress=True):
@@ -307,8 +384,9 @@ def fetch_zoo(url, raw_dir, *, sha256=None, archive_name=None, cache_dir="data/d
     if src is not None and src.is_dir():
         if sha256:
             raise ProbegenError(f"{src}: a sha256 is pinned but the source is a folder, not an archive")
+        check_own_folder(src)
         with atomic_dir(raw_dir) as tmp:
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            shutil.copytree(src, tmp, dirs_exist_ok=True)  # follows the (checked) links: copies are plain files
         return {"path": str(raw_dir), "archive": None, "sha256": None, "size": None}
     name = archive_name or url_file_name(url)
     got = download(url, Path(cache_dir) / name, sha256=sha256, progress=progress)

@@ -167,9 +167,12 @@ def load_packed(root):
     for name in ("weights.npy", "offsets.npy", "labels.npy", "meta.csv", "spec.json"):
         if not (root / name).exists():
             raise ProbegenError(f"{root / name}: missing; run the pack stage first")
-    flat = np.load(root / "weights.npy", mmap_mode="r")
-    offsets = np.load(root / "offsets.npy")
-    labels = np.load(root / "labels.npy")
+    try:
+        flat = np.load(root / "weights.npy", mmap_mode="r", allow_pickle=False)
+        offsets = np.load(root / "offsets.npy", allow_pickle=False)
+        labels = np.load(root / "labels.npy", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:  # object arrays (pickles) are refused, never loaded
+        raise ProbegenError(f"{root}: unreadable packed zoo array ({err})") from None
     meta = pd.read_csv(root / "meta.csv", keep_default_na=False)
     spec = json.loads((root / "spec.json").read_text())
     if flat.ndim != 1 or flat.dtype != np.float32:

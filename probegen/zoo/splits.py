@@ -70,6 +70,21 @@ def inr_official_split(split_json, meta, labels=None):
     return _check_disjoint(split, split_json)
 
 
+def split_file_labels(split_json, ids):
+    """{id: label} from an INR split file ({split: {path, label}}), for the models named by `ids` (checkpoint
+    paths relative to the raw folder, matched by their trailing components as the split stage matches them).
+    Models the file does not list are left out."""
+    data, match = _read_split_json(split_json), _path_matcher(ids, split_json)
+    ids, labels = list(ids), {}
+    for name in SPLITS:
+        entry = _split_entry(data, name, split_json, ("path", "label"))
+        for path, label in zip(entry["path"], entry["label"]):
+            if isinstance(label, bool) or not isinstance(label, int):
+                raise ProbegenError(f"{split_json}: {path} has label {label!r}, not an integer class")
+            labels[ids[match(path)]] = label
+    return labels
+
+
 def wild_park_official_split(split_json, meta):
     """cnn_park_splits.json: {split: {"path": [...], "score": [...], "step": [...]}}, split by run.
     Paths are matched to meta `id` by their trailing components."""
@@ -91,7 +106,8 @@ def small_cnn_official_split(order_csv, meta, *, final_step=SMALL_CNN_FINAL_STEP
     """
     order = _read_order(order_csv)
     rows, steps = meta["row"].to_numpy(dtype=np.int64), meta["step"].to_numpy()
-    final = np.flatnonzero(steps == final_step)
+    # final_step None: the zoo was packed with each run's last checkpoint, so every row is a final one
+    final = np.arange(len(steps)) if final_step is None else np.flatnonzero(steps == final_step)
     if len(final) == 0:
         raise ProbegenError(f"packed zoo: no checkpoints with step == {final_step} to split")
     lookup = np.full(max(order.max(), rows.max()) + 1, -1, dtype=np.int64)
@@ -141,7 +157,7 @@ def _read_split_json(split_json):
         raise ProbegenError(f"{path}: no such split file")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ProbegenError(f"{path}: not valid JSON ({err})") from None
 
 
@@ -212,6 +228,8 @@ def make_split(kind, zoo, *, split_file=None, val=0.1, test=0.2, seed=0):
         raise ProbegenError(f"split kind {kind!r} needs an official split file")
     if kind == "inr_official":
         return inr_official_split(split_file, zoo.meta, labels=zoo.labels)
+    if kind == "small_cnn_official":  # the checkpoints the packed zoo kept (zoo.<name>.pack.final_step)
+        return small_cnn_official_split(split_file, zoo.meta, final_step=zoo.spec.get("final_step", SMALL_CNN_FINAL_STEP))
     return OFFICIAL[kind](split_file, zoo.meta)
 
 

@@ -175,3 +175,11 @@ def test_flops_per_model():
     assert cnn.flops_per_model() == K * 2 * macs + Classifier(K * 10, 1, 16, 3).flops()
     mlp = build_method("mlp", zoo, SMALL, num_probes=K)
     assert mlp.flops_per_model() == 2 * (1185 * 16 + 16 * 16 + 16 * 10)
+
+
+def test_synthetic_image_probes_say_whether_the_pool_is_missing_or_too_small():
+    zoo = _zoos()["small_cnn"]
+    with pytest.raises(ProbegenError, match=r"dead_leaves.npy\) is missing; run the render_probes stage"):
+        build_method("synthetic", zoo, SMALL, num_probes=4, probe_pool=None)
+    with pytest.raises(ProbegenError, match=r"needs 16 Dead-Leaves images, the pool has 8; raise dead_leaves.pool_size"):
+        build_method("synthetic", zoo, SMALL, num_probes=16, probe_pool=POOL)

@@ -17,14 +17,26 @@ from probegen.methods import build_method
 from probegen.methods.classifier import Classifier
 from probegen.nets.small_cnn import zoo_arch
 from probegen.patching import Patcher, evaluate, kl
-from probegen.patching.probers import (LocalizeConfig, ProbeMixer, _first_order, align, analyse_probes, layer_effects,
-                                       layer_graph, layer_hypotheses, layer_units, make_pairs, permutation_sanity,
-                                       permute_units, probe_graph, probe_hypothesis, random_perms, responses,
-                                       run_localize, score_layers)
+from probegen.nets import get_layout
+from probegen.patching.probers import (LocalizeConfig, ProbeMixer, _first_order, align, analyse_layers, analyse_probes,
+                                       layer_effects, layer_graph, layer_hypotheses, layer_names, layer_units,
+                                       make_pairs, permutation_sanity, probe_graph, probe_hypothesis,
+                                       random_permutation, responses, run_localize, score_layers)
 from probegen.zoo.packed import PackedWriter, load_packed
 
 ROOT = Path(__file__).resolve().parents[2]
 SIREN = {"in_dim": 2, "hidden": [8, 8], "out_dim": 1, "w0": 30.0, "out_bias": 0.5}
+
+
+def wild_park_arch(channels, residual, act="relu"):
+    n = len(channels)
+    return {"in_channels": 3, "channels": channels, "kernel_size": [3] * n, "stride": [1] * n, "padding": [1] * n,
+            "residual": residual, "activation": [act] * n, "num_classes": 10}
+
+
+# Two residual links into and out of channels of different widths, and a plain 2-layer net: mixed depths.
+RESIDUAL = wild_park_arch([6, 4, 8, 5], [-1, -1, 0, 1], "tanh")
+SHALLOW = wild_park_arch([4, 4], [-1, -1])
 CFG = {"hidden": 16, "layers": 3, "latent_dim": 4}
 K, READ = 6, 2  # probes; the one probe the hand-set head reads
 
@@ -156,31 +168,64 @@ def test_layer_hypothesis_runs_the_network_with_that_layer_from_the_reference(si
     graph = layer_graph(m, SIREN, m.probes().detach())
     hyps = layer_hypotheses(graph)
     patcher = Patcher(graph, w_ref, w_cf)
-    for i, (_, s, e) in enumerate(layer_units("siren", SIREN)):
+    assert [n for n, _, _ in layer_units("siren", SIREN)] == ["seq.0", "seq.1", "seq.2"]
+    for name, s, e in layer_units("siren", SIREN):
         mixed = w_cf.clone()
         mixed[:, s:e] = w_ref[:, s:e]
         with torch.no_grad():
             want = m.head(responses(m, mixed, torch.from_numpy(arch)).flatten(1))
-        torch.testing.assert_close(patcher.output(hyps[f"only:layer{i}"]), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(patcher.output(hyps[f"only:{name}"]), want, rtol=1e-5, atol=1e-5)
     scored = score_layers(layer_effects(m, w_ref, w_cf, arch, "kl"), ["seq.0", "seq.1", "seq.2"], 50, 0)
     assert scored["ate"] > 0
     assert scored["all"]["explained"] == 1.0  # every layer from the reference is the reference run
 
 
-@pytest.mark.parametrize("family,archs", [("siren", [SIREN]), ("small_cnn", [zoo_arch("relu"), zoo_arch("tanh")])])
+@pytest.mark.parametrize("family,archs", [("siren", [SIREN]), ("small_cnn", [zoo_arch("relu"), zoo_arch("tanh")]),
+                                          ("wild_park", [RESIDUAL, SHALLOW])])
 def test_alignment_undoes_a_function_preserving_permutation(tmp_path, family, archs):
     zoo, _ = write_zoo(tmp_path, "z", family, archs, 6)
     m = build_method("probegen", zoo, CFG, num_probes=3, seed=0).eval()
     for a, arch in enumerate(archs):
         w = zoo.weights[zoo.arch_ids == a]
-        perms = random_perms(family, arch, len(w), seed=1)
-        assert not all(torch.equal(p, torch.arange(p.shape[1]).expand_as(p)) for p in perms)
-        permuted = permute_units(family, arch, w, perms)
-        assert not torch.equal(permuted, w)
         ids = torch.full((len(w),), a)
+        permuted = random_permutation(family, archs, w, ids.numpy(), seed=1)
+        assert not torch.equal(permuted, w)
         torch.testing.assert_close(responses(m, permuted, ids), responses(m, w, ids), rtol=1e-4, atol=1e-5)
         aligned, _ = align(family, arch, w, permuted)
         assert torch.equal(aligned, w)
+
+
+def test_per_layer_alignment_of_a_residual_net_would_break_its_function(tmp_path, monkeypatch):
+    """Why ties matter: permuting the residual's two layers independently is not function-preserving, and
+    the sanity check turns such a wrong symmetry into an error instead of a number."""
+    zoo, split = write_zoo(tmp_path, "wp", "wild_park", [RESIDUAL], 12, task="regression")
+    m = build_method("probegen", zoo, CFG, num_probes=3, seed=0).eval()
+    w, ids = zoo.weights[:], torch.zeros(12, dtype=torch.long)
+    lay = get_layout("wild_park", RESIDUAL)
+    untied = [torch.stack([torch.randperm(lay.layers[l].units_out) for _ in range(12)]) for l in lay.hidden]
+    with pytest.raises(ProbegenError, match="residual segment|tied channels"):
+        lay.permute(w, untied)
+    monkeypatch.setattr(lay, "check_perms", lambda perms: None)  # what a layout without ties would do
+    broken = lay.permute(w, untied)
+    assert (responses(m, broken, ids) - responses(m, w, ids)).abs().max() > 1e-3
+    monkeypatch.setattr("probegen.patching.probers.random_permutation", lambda f, a, w, i, s: lay.permute(w, untied))
+    with pytest.raises(ProbegenError, match="sanity check failed"):
+        permutation_sanity(m, w, ids.numpy(), "sq", seed=0)
+
+
+def test_layers_of_a_zoo_of_mixed_depths_are_scored_on_the_pairs_that_have_them(tmp_path):
+    zoo, split = write_zoo(tmp_path, "wp", "wild_park", [RESIDUAL, SHALLOW], 40, task="regression")
+    m = build_method("probegen", zoo, CFG, num_probes=3, seed=0).eval()
+    ref, cf, _ = make_pairs(zoo, split["test"], 24, seed=0)
+    arch = zoo.arch_ids[ref]
+    assert set(arch) == {0, 1}
+    assert layer_names(m, arch) == ["layers.0", "layers.1", "layers.2", "layers.3", "fc"]
+    out = analyse_layers(m, zoo.weights[ref], zoo.weights[cf], arch, "sq", n_boot=20, seed=0)
+    pairs = {r["layer"]: r["pairs"] for r in out["aligned"]["only"]}
+    deep = int((arch == 0).sum())
+    assert pairs == {"layers.0": 24, "layers.1": 24, "layers.2": deep, "layers.3": deep, "fc": 24}
+    assert out["aligned"]["all"]["explained"] == pytest.approx(1.0)
+    assert out["sanity"]["function_max_abs_diff"] < 1e-4
 
 
 def test_alignment_moves_an_unrelated_network_closer(siren_zoo):
@@ -198,8 +243,8 @@ def test_permuted_reference_gives_zero_aue_once_aligned(siren_zoo):
     out = permutation_sanity(m, w_ref, arch, "kl", seed=0)
     assert out["function_max_abs_diff"] < 1e-4
     assert out["aligned_max_abs_weight_diff"] == 0.0 and out["aligned_exact_fraction"] == 1.0
-    assert set(out["aue_aligned"]) == {"only:layer0", "only:layer1", "only:layer2", "all_but:layer0",
-                                       "all_but:layer1", "all_but:layer2", "all"}
+    assert set(out["aue_aligned"]) == {"only:seq.0", "only:seq.1", "only:seq.2", "all_but:seq.0",
+                                       "all_but:seq.1", "all_but:seq.2", "all"}
     assert all(v == pytest.approx(0.0, abs=1e-9) for v in out["aue_aligned"].values())
     assert min(v for k, v in out["aue_raw"].items() if k != "all") > 1e-5  # unaligned mixing changes the function
 
@@ -226,10 +271,11 @@ def test_pairs_differ_in_label_and_share_the_architecture(tmp_path):
 
 
 def save_predictor(root, zoo_name, m):
-    path = root / f"models/{zoo_name}/probegen-0.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": m.state_dict(), "metrics": {"num_probes": K, "metric": "accuracy"},
-                "method_cfg": dict(m.cfg), "test_pred": np.zeros(1), "test_target": np.zeros(1)}, path)
+    from probegen import saved
+    from probegen.experiment import run_paths
+    saved.save_run(run_paths(zoo_name, "probegen", 0, root)["model"], zoo=zoo_name, method="probegen", seed=0,
+                   method_cfg=dict(m.cfg), num_probes=K, state_dict=m.state_dict(), test_pred=np.zeros(1),
+                   test_target=np.zeros(1), metrics={"metric": "accuracy", "num_probes": K})
 
 
 def test_run_localize_writes_metrics_and_plots(tmp_path, siren_zoo):
@@ -245,8 +291,23 @@ def test_run_localize_writes_metrics_and_plots(tmp_path, siren_zoo):
 
 
 def test_missing_predictor_names_its_stage(tmp_path):
-    with pytest.raises(ProbegenError, match=r"probe@nozoo-probegen-0"):
+    with pytest.raises(ProbegenError, match=r"run probe@nozoo-probegen first"):
         run_localize("nozoo", 0, n_pairs=4, n_boot=2, target=0.9, root=tmp_path)
+
+
+def test_the_stage_localizes_what_was_trained_or_says_there_is_nothing(tmp_path, siren_zoo):
+    from probegen.patching.probers import localize_stage
+
+    zoo, _ = siren_zoo
+    line = localize_stage("tiny", LocalizeConfig(n_pairs=8, n_boot=5), ["vanilla"], root=tmp_path)
+    assert "skipped, no trained probing method" in line
+    saved = json.loads((tmp_path / "metrics/localize/tiny.json").read_text())
+    assert saved["skipped"].startswith("no trained probing method") and (tmp_path / "plots/localize/tiny").is_dir()
+    save_predictor(tmp_path, "tiny", reads_one_probe(zoo))  # only probegen trained; vanilla asked for first
+    line = localize_stage("tiny", LocalizeConfig(method="vanilla", n_pairs=8, n_boot=5), ["vanilla", "probegen"],
+                          root=tmp_path)
+    assert line.startswith("localize tiny (probegen seed 0)")
+    assert json.loads((tmp_path / "metrics/localize/tiny.json").read_text())["method"] == "probegen"
 
 
 def test_config_rejects_bad_params():
@@ -260,14 +321,15 @@ def test_config_rejects_bad_params():
 
 def stage(root, *args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(ROOT / "stages/localize.py"), *args], cwd=root, env=env,
+    return subprocess.run([sys.executable, "-m", "stages.localize", *args], cwd=root, env=env,
                           capture_output=True, text=True)
 
 
 def test_stage_runs_and_reports_bad_params_in_one_line(tmp_path, siren_zoo):
     zoo, _ = siren_zoo
     save_predictor(tmp_path, "tiny", reads_one_probe(zoo))
-    params = {"localize": {"seed": 0, "n_pairs": 12, "n_boot": 10, "target": 0.9, "top_probes": 2}}
+    params = {"localize": {"seed": 0, "n_pairs": 12, "n_boot": 10, "target": 0.9, "top_probes": 2},
+              "methods": {"probe": ["probegen"], "weights": ["mlp"]}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     proc = stage(tmp_path, "tiny")
     assert proc.returncode == 0, proc.stderr

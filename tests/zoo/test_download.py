@@ -13,7 +13,7 @@ import pytest
 
 from http_fixture import serve
 from probegen.errors import ProbegenError
-from probegen.zoo.download import direct_url, download, extract, fetch_zoo, sidecar_path
+from probegen.zoo.download import archive_format, direct_url, download, extract, fetch_zoo, sidecar_path
 
 
 @pytest.fixture
@@ -276,3 +276,124 @@ def test_direct_url():
     assert direct_url(gcs) == "https://storage.googleapis.com/gresearch/smallcnnzoo-dataset/cifar10.tar.xz"
     zenodo = "https://zenodo.org/records/12797219/files/cnn_wild_park.zip?download=1"
     assert direct_url(zenodo) == zenodo
+
+
+# -----------------------------------------------------------------------------
+# archive format, by content
+
+def torch_checkpoint_bytes():
+    import torch
+    buf = io.BytesIO()
+    torch.save({"seq.0.weight": torch.arange(6.0).reshape(3, 2)}, buf)
+    return buf.getvalue()
+
+
+def test_plain_tar_ending_with_a_checkpoint_is_a_tar(tmp_path):
+    """A .pth checkpoint is itself a zip: zipfile.is_zipfile finds its directory at the end of the tar."""
+    files = {"zoo/readme.txt": b"hello", "zoo/model_final.pth": torch_checkpoint_bytes()}
+    archive = make_tar(tmp_path / "zoo.tar", files, mode="w")
+    assert zipfile.is_zipfile(archive)  # the trap
+    extract(archive, tmp_path / "out")
+    for name, data in files.items():
+        assert (tmp_path / "out" / name).read_bytes() == data
+    assert sorted(os.listdir(tmp_path / "out" / "zoo")) == ["model_final.pth", "readme.txt"]
+
+
+@pytest.mark.parametrize("mode, name", [("w", "zoo.zip"), ("w:gz", "zoo.bin"), ("w:xz", "zoo.tar"),
+                                        ("w:bz2", "zoo"), ("zip", "zoo.tar.gz")])
+def test_format_is_read_from_the_content_not_the_name(tmp_path, mode, name):
+    files = {"zoo/a.pth": b"a" * 100}
+    archive = make_zip(tmp_path / name, files) if mode == "zip" else make_tar(tmp_path / name, files, mode=mode)
+    assert archive_format(archive) == ("zip" if mode == "zip" else "tar")
+    extract(archive, tmp_path / "out")
+    assert (tmp_path / "out" / "zoo" / "a.pth").read_bytes() == b"a" * 100
+
+
+def test_not_an_archive_is_one_line(tmp_path):
+    bad = tmp_path / "zoo.zip"
+    bad.write_bytes(b"just some text, not an archive" * 40)
+    with pytest.raises(ProbegenError, match=r"zoo\.zip: not a zip or tar archive") as err:
+        extract(bad, tmp_path / "out")
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_an_archive_without_files_is_refused(tmp_path, kind):
+    archive = tmp_path / f"empty.{kind}"
+    if kind == "zip":
+        make_zip(archive, {})
+    else:
+        with tarfile.open(archive, "w") as tf:
+            info = tarfile.TarInfo("zoo")
+            info.type = tarfile.DIRTYPE
+            tf.addfile(info)
+    with pytest.raises(ProbegenError, match="holds no files"):
+        extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# a researcher's own zoo folder (source: path)
+
+def own_zoo(tmp_path):
+    own = tmp_path / "my_zoo"
+    (own / "run1").mkdir(parents=True)
+    (own / "run1" / "checkpoint.pt").write_bytes(b"ckpt")
+    return own
+
+
+@pytest.mark.parametrize("case, message", [
+    ("self_loop", "a symlink loop"),
+    ("cycle", "a symlink loop"),
+    ("ancestor", "a symlink loop"),
+    ("outside_file", "a symlink pointing outside the zoo folder"),
+    ("outside_dir", "a symlink pointing outside the zoo folder"),
+    ("dangling", "a broken symlink"),
+    ("twice", "a folder linked twice"),
+    ("fifo", "not a regular file"),
+])
+def test_own_folder_links_and_special_files_are_refused(tmp_path, case, message):
+    own = own_zoo(tmp_path)
+    (tmp_path / "secret.txt").write_text("outside")
+    link = own / "run1" / "link"
+    if case == "self_loop":
+        link.symlink_to("link")
+    if case == "cycle":
+        link.symlink_to("other")
+        (own / "run1" / "other").symlink_to("link")
+    if case == "ancestor":
+        link.symlink_to("..")
+    if case == "outside_file":
+        link.symlink_to(tmp_path / "secret.txt")
+    if case == "outside_dir":
+        link.symlink_to("../..")
+    if case == "dangling":
+        link.symlink_to("nowhere")
+    if case == "twice":
+        (own / "alias").symlink_to("run1")
+    if case == "fifo":
+        os.mkfifo(own / "run1" / "pipe")
+    with pytest.raises(ProbegenError, match=message) as err:
+        fetch_zoo(str(own), tmp_path / "raw", progress=False)
+    assert "\n" not in str(err.value) and str(own) in str(err.value)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_own_folder_links_inside_are_copied_as_files(tmp_path):
+    own = own_zoo(tmp_path)
+    (own / "run2").mkdir()
+    (own / "run2" / "checkpoint.pt").symlink_to("../run1/checkpoint.pt")
+    fetch_zoo(own.as_uri(), tmp_path / "raw", progress=False)
+    copy = tmp_path / "raw" / "run2" / "checkpoint.pt"
+    assert copy.read_bytes() == b"ckpt" and not copy.is_symlink()
+
+
+@pytest.mark.parametrize("layout", ["empty", "only_folders"])
+def test_an_empty_own_folder_is_refused_at_fetch(tmp_path, layout):
+    own = tmp_path / "my_zoo"
+    own.mkdir()
+    if layout == "only_folders":
+        (own / "a" / "b").mkdir(parents=True)
+    with pytest.raises(ProbegenError, match=r"my_zoo: the zoo folder holds no files") as err:
+        fetch_zoo(str(own), tmp_path / "raw", progress=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "raw").exists()

@@ -281,3 +281,19 @@ def test_build_split_stage(tmp_path):
     sizes = build_split(SplitConfig("deterministic", 0.25, 0.25, 0), tmp_path / "zoos" / "mnist_inr",
                         tmp_path / "splits" / "det.json")
     assert sum(sizes.values()) == len(meta) and 12 <= sizes["val"] <= 18
+
+
+def test_the_small_cnn_split_keeps_the_checkpoints_the_packed_zoo_kept(tmp_path):
+    """split@ reads the step to keep from the packed zoo's spec (zoo.<name>.pack.final_step), not a default."""
+    runs = 200
+    order = write_order_file(tmp_path / "order.csv", runs * 9, seed=3)
+    steps = np.tile(SMALL_CNN_STEPS, runs)
+    meta = pd.DataFrame({"row": np.arange(runs * 9), "step": steps})
+    zoo = lambda final_step: PackedZoo(tmp_path, ragged(np.zeros(len(meta)), [1] * len(meta)), np.zeros(len(meta)),
+                                       meta, {"task": "regression", "family": "small_cnn", "final_step": final_step})
+    at_40 = make_split("small_cnn_official", zoo(40), split_file=order)
+    rows = at_40["train"] + at_40["val"] + at_40["test"]
+    assert sorted(rows) == np.flatnonzero(steps == 40).tolist()
+    assert at_40 == small_cnn_official_split(order, meta, final_step=40)
+    every = make_split("small_cnn_official", zoo(None), split_file=order)  # packed with each run's last: all rows
+    assert sorted(every["train"] + every["val"] + every["test"]) == list(range(len(meta)))  # each row once

@@ -28,4 +28,12 @@ def pack_zoo(cfg, raw_dir, out_dir, progress=True):
     kwargs = {"nonfinite": cfg.nonfinite, "progress": progress}
     if cfg.format == "small_cnn_zoo":
         kwargs["final_step"] = cfg.final_step
+    if cfg.label_file is not None:  # labels that live only in a split file (as neural-graphs reads MNIST's)
+        from pathlib import Path
+
+        from probegen.zoo.download import download, url_file_name
+        from probegen.zoo.splits import SPLIT_DOWNLOADS
+
+        dest = SPLIT_DOWNLOADS / f"{Path(out_dir).name}-{url_file_name(cfg.label_file)}"
+        kwargs["label_file"] = download(cfg.label_file, dest, sha256=cfg.label_sha256, progress=False)["path"]
     return reader.pack(raw_dir, out_dir, **kwargs)

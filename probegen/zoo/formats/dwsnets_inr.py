@@ -43,8 +43,9 @@ def find_checkpoints(raw_dir):
     return sorted(found, key=lambda item: item[0].relative_to(raw_dir).as_posix())
 
 
-def read_checkpoint(path, folder_label=None):
-    """One checkpoint -> (flat float32 row (1185,), label). Any defect is a one-line ProbegenError."""
+def read_checkpoint(path, folder_label=None, listed_label=None):
+    """One checkpoint -> (flat float32 row (1185,), label). Any defect is a one-line ProbegenError.
+    listed_label: the label a split file gives it (pack's label_file), if any."""
     try:
         ckpt = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # corrupt zip, truncated file, pickle of a non-tensor object, ...
@@ -66,25 +67,31 @@ def read_checkpoint(path, folder_label=None):
         if tuple(value.shape) != shape:
             raise ProbegenError(f"{path}: {name} has shape {tuple(value.shape)}, expected {shape}")
     row = torch.cat([ckpt[name].reshape(-1).float() for name in names]).numpy()
-    return row, _label(path, ckpt.get("label"), folder_label)
+    return row, _label(path, ckpt.get("label"), folder_label, listed_label)
 
 
-def _label(path, stored, folder_label):
+def _label(path, stored, folder_label, listed=None):
+    """The checkpoint's label from its `label` key, its folder's digit or a split file (`listed`): at least
+    one must be there, and all that are there must agree."""
     if stored is not None:
         if isinstance(stored, torch.Tensor) and stored.numel() == 1 and not stored.is_floating_point():
             stored = stored.item()
         if isinstance(stored, bool) or not isinstance(stored, int) or not 0 <= stored < NUM_CLASSES:
             raise ProbegenError(f"{path}: label must be an int in [0, {NUM_CLASSES}), got {stored!r}")
-        if folder_label is not None and stored != folder_label:
-            raise ProbegenError(f"{path}: stored label {stored} disagrees with the folder's digit {folder_label}")
-        return stored
-    if folder_label is None:
-        raise ProbegenError(f"{path}: missing `label` (a model_<idx>.pth checkpoint must store its label)")
-    return folder_label
+    found = [(what, v) for what, v in (("stored label", stored), ("folder's digit", folder_label),
+                                       ("split file's label", listed)) if v is not None]
+    if not found:
+        raise ProbegenError(f"{path}: missing `label` (a model_<idx>.pth checkpoint must store its label, or "
+                            f"name a split file with labels in zoo.<name>.pack.label_file)")
+    for what, v in found[1:]:
+        if v != found[0][1]:
+            raise ProbegenError(f"{path}: {found[0][0]} {found[0][1]} disagrees with the {what} {v}")
+    return found[0][1]
 
 
-def pack(raw_dir, out_dir, *, nonfinite="error", progress=True):
-    """Pack every checkpoint under raw_dir into out_dir (see probegen.zoo.packed). Returns the spec."""
+def pack(raw_dir, out_dir, *, nonfinite="error", progress=True, label_file=None):
+    """Pack every checkpoint under raw_dir into out_dir (see probegen.zoo.packed). Returns the spec.
+    label_file: a split file {split: {path, label}} that gives checkpoints without a label theirs."""
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise ProbegenError(f"{raw_dir}: not a folder")
@@ -93,6 +100,11 @@ def pack(raw_dir, out_dir, *, nonfinite="error", progress=True):
         raise ProbegenError(f"{raw_dir}: no DWSNets INR checkpoints found (expected "
                             f"*_png_<split>_<digit>_<id>/checkpoints/model_final.pth or <split>/model_<idx>.pth)")
     dim = sum(int(np.prod(shape)) for _, shape in siren.param_shapes(ARCH))
+    listed = {}
+    if label_file is not None:
+        from probegen.zoo.splits import split_file_labels
+
+        listed = split_file_labels(label_file, [p.relative_to(raw_dir).as_posix() for p, _, _ in found])
     bar = tqdm(total=len(found), desc=f"pack {raw_dir.name}", unit="ckpt", disable=not progress)
     writer = PackedWriter(out_dir, capacity=len(found), total_params=len(found) * dim, spec=SPEC,
                           nonfinite=nonfinite)
@@ -100,7 +112,7 @@ def pack(raw_dir, out_dir, *, nonfinite="error", progress=True):
         for start in range(0, len(found), CHUNK):
             rows, labels, meta, sources = [], [], [], []
             for path, split_hint, folder_label in found[start:start + CHUNK]:
-                row, label = read_checkpoint(path, folder_label)
+                row, label = read_checkpoint(path, folder_label, listed.get(path.relative_to(raw_dir).as_posix()))
                 rows.append(row)
                 labels.append(label)
                 meta.append({"split_hint": split_hint})

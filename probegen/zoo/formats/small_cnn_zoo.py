@@ -215,10 +215,21 @@ def pack(raw_dir, out_dir, *, final_step=86, nonfinite="drop", progress=True, ro
             chunk = _read_rows(weights, idx)[:, perm]  # (n, 4970) PyTorch layout
             m = metrics.iloc[idx]
             meta = m[meta_cols].assign(row=idx).to_dict("records")
-            labels = pd.to_numeric(m["test_accuracy"], errors="coerce").to_numpy(dtype=np.float64)
+            labels = _labels(m["test_accuracy"], raw_dir / "metrics.csv.gz")
             writer.add(chunk, labels, meta,
                        archs[start:start + CHUNK_ROWS], [f"weights.npy:{i}" for i in idx])
     return {**read_json(Path(out_dir) / "spec.json"), "peak_rss_mb": peak_rss_mb()}
+
+
+def _labels(column, source):
+    """test_accuracy -> float64 labels. NaN / inf is a diverged run (the nonfinite policy decides); text that
+    is not a number is a damaged file, refused with the row that holds it."""
+    labels = pd.to_numeric(column, errors="coerce")
+    bad = labels.isna() & column.notna() & ~column.astype(str).str.strip().str.lower().isin(("nan", "inf", "-inf"))
+    if bad.any():
+        row = bad.index[bad.to_numpy()][0]
+        raise ProbegenError(f"{source}: row {row}: test_accuracy {column[row]!r} is not a number")
+    return labels.to_numpy(dtype=np.float64)
 
 
 def zoo_folder(raw_dir):
@@ -238,6 +249,8 @@ def _open_weights(path):
         weights = np.load(path, mmap_mode="r")  # (rows, 4970), nothing read yet
     except (ValueError, OSError, EOFError) as err:
         raise ProbegenError(f"{path}: truncated or not a .npy file ({err})") from None
+    if not isinstance(weights, np.ndarray):
+        raise ProbegenError(f"{path}: not a .npy file (an .npz / zip archive)")
     if weights.ndim != 2 or weights.dtype != np.float32 or not weights.flags.c_contiguous:
         raise ProbegenError(f"{path}: expected C-ordered float32 [rows, 4970], got {weights.dtype} "
                             f"{weights.shape}")

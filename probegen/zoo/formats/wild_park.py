@@ -19,12 +19,18 @@ zero-padding every model to the largest would take ~61 GB.
 """
 
 import _compat_pickle
+import collections
+import contextlib
 import functools
+import importlib
 import json
 import math
+import pathlib
 import pickle
 import re
+import sys
 import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -78,7 +84,9 @@ def _read(path, raw_dir, load, values):
     if step is None or len(rel.parts) < 3:
         raise ProbegenError(f"{path}: expected the layout <trial>/checkpoint_<N>/checkpoint.pt")
     ckpt = load(path)
-    if not isinstance(ckpt, Mapping) or not {"model", "config", "last_result"} <= set(ckpt):
+    # Plain dicts only around the config (what torch.save and Ray write): a lookup in an OmegaConf
+    # container would resolve interpolations, i.e. call resolvers the file chose.
+    if not isinstance(ckpt, dict) or not {"model", "config", "last_result"} <= set(ckpt):
         raise ProbegenError(f"{path}: not a Wild Park checkpoint (needs the keys model, config, last_result)")
     try:
         arch = wild_park.arch_from_config(_plain_config(ckpt["config"]))
@@ -86,23 +94,25 @@ def _read(path, raw_dir, load, values):
         raise ProbegenError(f"{path}: {err}") from None
     except (TypeError, ValueError) as err:  # e.g. a width that is not a number
         raise ProbegenError(f"{path}: malformed config ({err})") from None
-    label = ckpt["last_result"].get("test/acc") if isinstance(ckpt["last_result"], Mapping) else None
-    if not isinstance(label, (int, float, np.floating)):
+    label = ckpt["last_result"].get("test/acc") if isinstance(ckpt["last_result"], dict) else None
+    if isinstance(label, bool) or not isinstance(label, (int, float, np.floating)):
         raise ProbegenError(f"{path}: last_result['test/acc'] is missing or not a number ({label!r})")
     shapes = wild_park.param_shapes(arch)
     _check_state_dict(path, ckpt["model"], shapes)
     n = sum(math.prod(shape) for _, shape in shapes)
     if not values:
         return n, arch, None, None, None
+    iteration = ckpt.get("iteration", -1)
+    if isinstance(iteration, bool) or not isinstance(iteration, (int, np.integer)):
+        raise ProbegenError(f"{path}: iteration is a {type(iteration).__name__}, not an int")
     flat = torch.cat([ckpt["model"][name].detach().reshape(-1).float() for name, _ in shapes]).numpy()
-    meta = {"run": rel.parent.parent.as_posix(), "step": int(step.group(1)),
-            "iteration": int(ckpt.get("iteration", -1)),
+    meta = {"run": rel.parent.parent.as_posix(), "step": int(step.group(1)), "iteration": int(iteration),
             **{k: json.dumps(v) if isinstance(v, list) else v for k, v in wild_park.to_config(arch).items()}}
     return n, arch, float(label), meta, flat
 
 
 def _check_state_dict(path, state_dict, shapes):
-    if not isinstance(state_dict, Mapping):
+    if not isinstance(state_dict, dict):
         raise ProbegenError(f"{path}: model is a {type(state_dict).__name__}, not a state dict")
     expected = dict(shapes)
     if set(state_dict) != set(expected):
@@ -119,27 +129,49 @@ def _plain_config(cfg):
     """The checkpoint's config (OmegaConf DictConfig, plain dict, or a stood-in dataclass) -> a plain dict."""
     if isinstance(cfg, _StandIn):  # a CNNConfig dataclass pickled as such: its fields are the pickled state
         cfg = cfg.state if isinstance(cfg.state, Mapping) else {}
-    if type(cfg).__module__.startswith("omegaconf"):
+    if _is_omegaconf(cfg):
         from omegaconf import OmegaConf
         try:
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-        except Exception as err:  # interpolation or structure errors of a foreign config
+            # Not resolved: a resolver is code the file would choose to call. The zoo's configs hold
+            # values only (the trainer resolved its config before building the model config).
+            cfg = OmegaConf.to_container(cfg, resolve=False)
+        except Exception as err:  # structure errors of a foreign config
             raise ProbegenError(f"config cannot be read ({type(err).__name__}: {_first_line(err)})") from None
     if not isinstance(cfg, Mapping):
         raise ProbegenError(f"config is a {type(cfg).__name__}, not a mapping")
     return dict(cfg)
 
 
+def _is_omegaconf(obj):
+    try:
+        from omegaconf import Container
+    except ImportError:  # then no OmegaConf object can have been unpickled either
+        return False
+    return isinstance(obj, Container)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loading. torch.load(weights_only=True) refuses the zoo's files: their config is an OmegaConf DictConfig
-# (and Ray's trainable state pickles more objects), which are not tensors. The plain unpickler
-# (weights_only=False) is no way out either: it would run whatever a pickle asks for, and the OmegaConf
-# config and Ray's last_result refer to neural-graphs' own CNNConfig dataclass
-# (experiments.cnn_generalization.dataset.cnn_sampler), so it fails with "No module named 'experiments'"
-# unless that repository is importable. So: weights_only=True first (plain-dict configs, our fixtures),
-# and only when that refuses a global, a restricted unpickler that imports torch's tensor-rebuilding
-# globals, OmegaConf's classes and a few builtin types, and turns every other global into an inert
-# stand-in class. A checkpoint can then neither run code nor fail on a class we do not have.
+# (Ray Tune's save_checkpoint pickles the trainer's `cfg.model` node, its parent config and the trial
+# config), which is not a tensor. The plain unpickler (weights_only=False) would run whatever a pickle
+# asks for, and fails anyway on neural-graphs' own CNNConfig dataclass
+# (experiments.cnn_generalization.dataset.cnn_sampler) unless that repository is importable.
+#
+# So: weights_only=True first (plain-dict configs, our fixtures), and only when that refuses a global, a
+# restricted unpickler. It resolves a global only by exact (module, qualified name) lookup in safe_globals()
+# (never an import or attribute walk driven by the file), and for every other name:
+#   - a module of the standard library, torch, numpy, omegaconf or probegen: refused, one ProbegenError
+#     naming the file and the global (a clear answer for os.system, builtins.exec & co.; a real
+#     checkpoint names nothing else from these);
+#   - any other module (the foreign CNNConfig, Ray's classes): an inert stand-in class. The module is
+#     never imported, so nothing in it can run; building the stand-in (a call, or __new__ then
+#     __setstate__) only stores the arguments.
+# Each allowed global is a class or function that only builds data from data. Those that could do more
+# with other arguments (type, operator.getitem, _codecs.encode) are replaced by guarded versions.
+
+
+class UnsafeGlobal(pickle.UnpicklingError):
+    """A pickle names (or calls) a global the restricted unpickler does not allow."""
 
 
 def load_checkpoint(path):
@@ -176,13 +208,94 @@ def _load(path, weights_only_first):
                 if "Weights only load failed" not in str(err):
                     raise
         return torch.load(path, weights_only=False, pickle_module=_RESTRICTED_PICKLE, **kwargs), True
+    except UnsafeGlobal as err:
+        raise ProbegenError(f"{path}: refused: {err}; nothing in the file was run") from None
     except Exception as err:
         raise ProbegenError(f"{path}: corrupt or unreadable checkpoint ({type(err).__name__}: "
                             f"{_first_line(err)})") from None
 
 
+# The OmegaConf classes a pickled DictConfig / ListConfig refers to (omegaconf 2.1 - 2.3): containers,
+# their metadata dataclasses, and one node class per value type.
+OMEGACONF_GLOBALS = (
+    ("omegaconf.dictconfig", "DictConfig"), ("omegaconf.listconfig", "ListConfig"),
+    ("omegaconf.base", "ContainerMetadata"), ("omegaconf.base", "Metadata"), ("omegaconf.base", "UnionNode"),
+    ("omegaconf.nodes", "AnyNode"), ("omegaconf.nodes", "IntegerNode"), ("omegaconf.nodes", "FloatNode"),
+    ("omegaconf.nodes", "BooleanNode"), ("omegaconf.nodes", "StringNode"), ("omegaconf.nodes", "BytesNode"),
+    ("omegaconf.nodes", "PathNode"), ("omegaconf.nodes", "EnumNode"),
+)
+# What those refer to: the metadata's key / element / reference types, the resolver cache (defaultdict),
+# and the trial config's dataset path (a pathlib path; `pathlib._local` is its module from Python 3.13).
+BUILTIN_TYPES = (dict, list, tuple, set, frozenset, int, float, complex, bool, str, bytes, bytearray)
+TYPING_NAMES = ("Any", "List", "Dict", "Tuple", "Union", "Optional")
+PATH_TYPES = (pathlib.Path, pathlib.PurePath, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath,
+              pathlib.PureWindowsPath)
+# Modules whose unlisted names are refused rather than stood in for (see above).
+KNOWN_PACKAGES = frozenset(sys.stdlib_module_names) | {"torch", "numpy", "omegaconf", "probegen"} | {
+    m.split(".")[0] for m in _compat_pickle.IMPORT_MAPPING}
+
+
+def _type_of(*args):
+    """builtins.type, as pickle uses it: type(None) (also type(...) and type(NotImplemented)); never the
+    three-argument form, which builds a class."""
+    if len(args) == 1 and (args[0] is None or args[0] is Ellipsis or args[0] is NotImplemented):
+        return type(args[0])
+    what = f"{len(args)} arguments" if len(args) != 1 else f"a {type(args[0]).__name__}"
+    raise UnsafeGlobal(f"the pickle calls builtins.type on {what}, not on None")
+
+
+def _typing_subscript(origin, args):
+    """operator.getitem, as pickle uses it: typing.List[int], Dict[str, Any], Union[int, None], ..."""
+    if not any(origin is getattr(typing, name) for name in TYPING_NAMES if name != "Any"):
+        raise UnsafeGlobal(f"the pickle calls operator.getitem on a {type(origin).__name__}, "
+                           f"not on one of typing.{', typing.'.join(TYPING_NAMES[1:])}")
+    parts = args if isinstance(args, tuple) else (args,)
+    if not all(isinstance(a, type) or type(a).__module__ == "typing" or a is Ellipsis for a in parts):
+        raise UnsafeGlobal("the pickle subscripts a typing generic with something that is not a type")
+    return origin[args]
+
+
+def _latin1(text, encoding):
+    """_codecs.encode, as pickle protocol 2 uses it for bytes: encode(str, 'latin1')."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafeGlobal(f"the pickle calls _codecs.encode with encoding {encoding!r}, not 'latin1'")
+    return text.encode("latin1")
+
+
+@functools.cache
+def safe_globals():
+    """{(module, qualified name): object}: every global the restricted unpickler resolves, exactly."""
+    from torch._weights_only_unpickler import _get_allowed_globals  # what weights_only=True itself allows
+
+    table = {tuple(key.rsplit(".", 1)): obj for key, obj in _get_allowed_globals().items()}
+    table |= {("builtins", t.__name__): t for t in BUILTIN_TYPES}
+    table |= {("collections", t.__name__): t for t in (collections.OrderedDict, collections.defaultdict,
+                                                       collections.Counter)}
+    table |= {("typing", name): getattr(typing, name) for name in TYPING_NAMES}
+    table |= {(module, t.__name__): t for t in PATH_TYPES for module in ("pathlib", "pathlib._local")}
+    table |= {(module, "scalar"): _numpy_scalar() for module in ("numpy.core.multiarray", "numpy._core.multiarray")}
+    table[("numpy", "dtype")] = np.dtype
+    # guarded versions of the three that pickle calls with harmless arguments only
+    table[("builtins", "type")] = _type_of
+    table[("operator", "getitem")] = table[("_operator", "getitem")] = _typing_subscript
+    table[("_codecs", "encode")] = _latin1
+    for module, name in OMEGACONF_GLOBALS:  # those this omegaconf version has
+        with contextlib.suppress(ImportError, AttributeError):
+            table[(module, name)] = getattr(importlib.import_module(module), name)
+    return table
+
+
+def _numpy_scalar():
+    try:
+        from numpy._core.multiarray import scalar  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import scalar
+    return scalar
+
+
 class _StandIn:
-    """Inert stand-in for a class or function the restricted unpickler does not import."""
+    """Inert stand-in for a class or function of a foreign module: it is never imported, and building it
+    (by a call, or by __new__ then __setstate__ as pickle does for plain classes) only stores arguments."""
 
     state = None
 
@@ -193,41 +306,27 @@ class _StandIn:
         self.state = state
 
 
-_BUILTIN_TYPES = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "bool", "str",
-                  "bytes", "bytearray", "object", "slice", "range", "NoneType"}
-_TYPING = {"Any", "List", "Dict", "Tuple", "Optional", "Union", "Set", "Sequence", "Mapping"}
-_OTHER = {("collections", "defaultdict"), ("operator", "getitem"), ("types", "GenericAlias"), ("numpy", "dtype"),
-          ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
-_STAND_INS = {}
+@functools.lru_cache(maxsize=1024)
+def _stand_in(module, name):
+    return type(name, (_StandIn,), {"__module__": module, "__qualname__": name})
 
 
-@functools.cache
-def _torch_globals():
-    from torch._weights_only_unpickler import _get_allowed_globals  # what weights_only=True itself allows
-    return frozenset(_get_allowed_globals())
-
-
-def _allowed(module, name):
-    return (f"{module}.{name}" in _torch_globals() or (module == "builtins" and name in _BUILTIN_TYPES)
-            or (module == "typing" and name in _TYPING) or (module, name) in _OTHER
-            or module == "numpy.dtypes")
+def find_global(module, name):
+    """What the restricted unpickler returns for a pickle's global (module, name), or UnsafeGlobal."""
+    # Protocol-2 pickles name Python 2 modules (__builtin__.unicode, ...); map them as pickle does.
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    found = safe_globals().get((module, name))
+    if found is not None:
+        return found
+    if module.split(".")[0] in KNOWN_PACKAGES or not module:
+        raise UnsafeGlobal(f"the pickle names the global {module}.{name}, which is not on the allowlist")
+    return _stand_in(module, name)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        # Protocol-2 pickles name Python 2 modules (__builtin__.unicode, ...); map them as pickle does.
-        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        if _allowed(module, name):
-            return super().find_class(module, name)
-        if module.split(".")[0] == "omegaconf":
-            obj = super().find_class(module, name)
-            if isinstance(obj, type):  # OmegaConf's classes only, none of its functions
-                return obj
-        key = (module, name)
-        if key not in _STAND_INS:
-            _STAND_INS[key] = type(name, (_StandIn,), {"__module__": module, "__qualname__": name})
-        return _STAND_INS[key]
+        return find_global(module, name)
 
 
 _RESTRICTED_PICKLE = types.ModuleType("probegen_restricted_pickle")

@@ -1,5 +1,7 @@
 """The DWSNets INR reader on fixtures written in both published layouts, and its one-line errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -192,3 +194,38 @@ def test_stored_label_must_agree_with_folder(tmp_path):
     fmt.write_checkpoint(raw / rel, siren.state_dict(ARCH, random_row(0)), label=4)
     with pytest.raises(ProbegenError, match="stored label 4 disagrees with the folder's digit 3"):
         fmt.pack(raw, tmp_path / "out", progress=False)
+
+
+def write_split_file(path, labels_by_path, prefix="/cluster/data/"):
+    """The neural-graphs split format, the authors' absolute paths: {split: {path, label}}."""
+    paths = sorted(labels_by_path)
+    split = {"train": paths[:-1], "val": [], "test": paths[-1:]}
+    path.write_text(json.dumps({name: {"path": [prefix + p for p in ps], "label": [labels_by_path[p] for p in ps]}
+                                for name, ps in split.items()}))
+    return path
+
+
+def test_labels_that_live_only_in_the_split_file_are_read_from_it(tmp_path):
+    raw = tmp_path / "raw"
+    expected = {}
+    for split, idx, label, seed in FMNIST:  # fmnist layout, but checkpoints without their `label` key
+        rel = f"fmnist_inrs/{split}/model_{idx}.pth"
+        fmt.write_checkpoint(raw / rel, siren.state_dict(ARCH, random_row(seed)))
+        expected[rel] = (random_row(seed), label)
+    with pytest.raises(ProbegenError, match="missing `label`.*pack.label_file"):
+        fmt.pack(raw, tmp_path / "none", progress=False)
+    split_file = write_split_file(tmp_path / "fmnist_splits.json", {rel: lab for rel, (_, lab) in expected.items()})
+    fmt.pack(raw, tmp_path / "out", progress=False, label_file=split_file)
+    check_packed(tmp_path / "out", expected)
+
+
+def test_a_split_file_that_disagrees_with_a_checkpoint_is_refused(tmp_path):
+    raw = tmp_path / "raw"
+    expected = write_mnist(raw, MNIST)
+    labels = {rel: lab for rel, (_, lab) in expected.items()}
+    first = sorted(labels)[0]
+    labels[first] = (labels[first] + 1) % 10
+    split_file = write_split_file(tmp_path / "mnist_splits.json", labels)
+    with pytest.raises(ProbegenError, match=r"folder's digit \d disagrees with the split file's label"):
+        fmt.pack(raw, tmp_path / "out", progress=False, label_file=split_file)
+    assert not (tmp_path / "out").exists()

@@ -216,6 +216,13 @@ def _missing_layout(raw):
     (raw / "layout.csv").unlink()
 
 
+def _text_accuracy(raw):
+    m = pd.read_csv(raw / "metrics.csv.gz")
+    m["test_accuracy"] = m["test_accuracy"].astype(object)
+    m.loc[8, "test_accuracy"] = "0.9l"  # a final checkpoint's label, damaged
+    m.to_csv(raw / "metrics.csv.gz", index=False)
+
+
 @pytest.mark.parametrize("damage, culprit, what", [
     (_truncate, "weights.npy", "truncated"),
     (_garbage, "weights.npy", "not a .npy"),
@@ -226,6 +233,7 @@ def _missing_layout(raw):
     (_layout_unknown_variable, "layout.csv", "dense_1/kernel:0"),
     (_wrong_width, "weights.npy", "4000 columns"),
     (_missing_layout, "layout.csv", "missing"),
+    (_text_accuracy, "metrics.csv.gz", "row 8: test_accuracy '0.9l' is not a number"),
 ])
 def test_bad_zoo_gives_one_line_naming_the_file_and_no_output(zoo, damage, culprit, what):
     tmp_path = zoo[0]

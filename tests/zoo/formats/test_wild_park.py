@@ -7,6 +7,7 @@ must reproduce every model's logits and recorded accuracy exactly.
 """
 
 import dataclasses
+import pathlib
 import shutil
 import sys
 import types
@@ -263,15 +264,104 @@ def test_nonfinite_models_are_dropped_on_request(tmp_path):
     assert spec["num_models"] == 2 and spec["dropped_nonfinite"] == 1
 
 
+def ray_style_checkpoint(path, arch, acc, step, protocol):
+    """What NN_tune_trainable.save_checkpoint writes: model and optimizer state, the model's OmegaConf node
+    (structured by CNNConfig; its parent is the whole trial config, with a pathlib dataset path), and Ray's
+    get_state(), whose last_result repeats the trial config (the CNNConfig instance itself)."""
+    model = wp.WildParkCNN(arch)
+    with ForeignModules() as CNNConfig:
+        trial = {"model": CNNConfig(**wp.to_config(arch)), "batch_size": 512, "seed": 1, "device": "cpu",
+                 "data": {"root": "~/data", "efficient_dataset_path": pathlib.PosixPath("/data/cifar10.pt")},
+                 "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3, "betas": [0.9, 0.999]}}
+        cfg = OmegaConf.create(trial)
+        # hydra.utils.instantiate passes config values as they are: betas stays a ListConfig
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=cfg.optimizer.betas)
+        model(torch.zeros(2, 3, 8, 8)).sum().backward()
+        opt.step()
+        last_result = {"test/acc": acc, "test/loss": 1.25, "done": False, "training_iteration": step,
+                       "trial_id": "a1b2c_00000", "date": "2023-09-01_12-00-00", "timestamp": 1693569600,
+                       "time_this_iter_s": 0.5, "time_total_s": 2.0, "pid": 4242, "hostname": "node",
+                       "node_ip": "10.0.0.1", "config": trial, "time_since_restore": 2.0,
+                       "iterations_since_restore": step}
+        ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": cfg.model,
+                "experiment_id": "0123abcd", "iteration": step, "timesteps_total": None, "time_total": 2.0,
+                "episodes_total": None, "last_result": last_result, "ray_version": "2.7.1"}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ckpt, path, pickle_protocol=protocol)
+    return model
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_ray_tune_checkpoints_load_with_every_pickle_protocol(tmp_path, protocol):
+    arch = arch_of(RUNS[0])
+    path = tmp_path / "raw" / TOP / "NN_tune_trainable_00000/checkpoint_000007/checkpoint.pt"
+    model = ray_style_checkpoint(path, arch, 0.375, 7, protocol)
+    ckpt = fmt.load_checkpoint(path)
+    assert wp.arch_from_config(fmt._plain_config(ckpt["config"])) == arch
+    trial_model = ckpt["last_result"]["config"]["model"]  # the CNNConfig instance: an inert stand-in
+    assert isinstance(trial_model, fmt._StandIn) and trial_model.state == wp.to_config(arch)
+    assert ckpt["last_result"]["config"]["data"]["efficient_dataset_path"] == pathlib.PosixPath("/data/cifar10.pt")
+    spec = fmt.pack(tmp_path / "raw", tmp_path / "packed", progress=False)
+    packed = load_packed(tmp_path / "packed")
+    assert spec["num_models"] == 1 and packed.labels[0] == np.float32(0.375)
+    assert packed.meta["iteration"][0] == 7 and packed.archs[0] == arch
+    flat = torch.cat([v.reshape(-1) for v in model.state_dict().values()])
+    torch.testing.assert_close(packed.weights[0][: len(flat)], flat, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])
-def test_restricted_loader_runs_no_code(tmp_path, capsys, zipfile):
-    class Exploit:
+def test_foreign_globals_are_inert_stand_ins_and_known_ones_refused(tmp_path, zipfile):
+    marker = tmp_path / "ran"
+
+    foreign = _named(lambda *a: marker.touch(), "experiments.tools", "run")
+
+    class Foreign:  # a function of a module this machine does not have: never imported, only recorded
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (foreign, ("touch", str(marker)))
+
+    class Known:  # a function this machine does have (builtins.exec): refused by name
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').close()",))
 
     path = tmp_path / "x.pt"
-    torch.save({"model": {}, "config": Exploit(), "last_result": {}}, path,
-               _use_new_zipfile_serialization=zipfile)
+    with ForeignModules():
+        sys.modules["experiments.tools"] = types.ModuleType("experiments.tools")
+        sys.modules["experiments.tools"].run = foreign
+        torch.save({"model": {}, "config": Foreign(), "last_result": {}}, path,
+                   _use_new_zipfile_serialization=zipfile)
     ckpt = fmt.load_checkpoint(path)
-    assert isinstance(ckpt["config"], fmt._StandIn) and ckpt["config"].args == ("pwned",)
-    assert "pwned" not in capsys.readouterr().out
+    assert isinstance(ckpt["config"], fmt._StandIn) and ckpt["config"].args == ("touch", str(marker))
+    assert type(ckpt["config"]).__module__ == "experiments.tools" and not marker.exists()
+    torch.save({"model": {}, "config": Known(), "last_result": {}}, path, _use_new_zipfile_serialization=zipfile)
+    with pytest.raises(ProbegenError, match=r"refused: the pickle names the global builtins\.exec") as err:
+        fmt.load_checkpoint(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value) and not marker.exists()
+
+
+def _named(fn, module, name):
+    fn.__module__, fn.__qualname__, fn.__name__ = module, name, name
+    return fn
+
+
+def test_interpolations_in_a_config_are_not_resolved(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROBEGEN_TEST_SECRET", "4")
+    arch, sd = small_model()
+    cfg = {**wp.to_config(arch), "n_classes": "${oc.env:PROBEGEN_TEST_SECRET}"}
+    path = tmp_path / "raw/t/checkpoint_000001/checkpoint.pt"
+    fmt.write_checkpoint(path, sd, cfg, 0.5, as_omegaconf=True)
+    with pytest.raises(ProbegenError) as err:  # a resolver would have read the environment
+        fmt.pack(tmp_path / "raw", tmp_path / "packed", progress=False)
+    assert "oc.env" in str(err.value) and str(path) in str(err.value)
+
+
+def test_ckpt_and_last_result_must_be_plain_dicts(tmp_path):
+    arch, sd = small_model()
+    path = tmp_path / "raw/t/checkpoint_000001/checkpoint.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"model": sd, "config": OmegaConf.create(wp.to_config(arch)),
+                "last_result": OmegaConf.create({"test/acc": 0.5})}, path)
+    with pytest.raises(ProbegenError, match=r"last_result\['test/acc'\] is missing"):
+        fmt.pack(tmp_path / "raw", tmp_path / "packed", progress=False)
+    torch.save({"model": sd, "config": wp.to_config(arch), "last_result": {"test/acc": 0.5}, "iteration": "7"}, path)
+    with pytest.raises(ProbegenError, match="iteration is a str, not an int"):
+        fmt.pack(tmp_path / "raw", tmp_path / "packed", progress=False)
