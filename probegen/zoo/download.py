@@ -388,6 +388,14 @@ def fetch_zoo(url, raw_dir, *, sha256=None, archive_name=None, cache_dir="data/d
         with atomic_dir(raw_dir) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)  # follows the (checked) links: copies are plain files
         return {"path": str(raw_dir), "archive": None, "sha256": None, "size": None}
+    if src is not None:  # your own archive: read where it is, every time (never a cached copy that could be stale)
+        if not src.is_file():
+            raise ProbegenError(f"{src}: no such file")
+        observed = file_sha256(src)
+        if sha256 is not None and observed != sha256.lower():
+            raise ProbegenError(f"{src}: sha256 mismatch: expected {sha256}, got {observed}")
+        extract(src, raw_dir)
+        return {"path": str(raw_dir), "archive": str(src), "sha256": observed, "size": src.stat().st_size}
     name = archive_name or url_file_name(url)
     got = download(url, Path(cache_dir) / name, sha256=sha256, progress=progress)
     try:

@@ -253,14 +253,27 @@ def test_corrupt_zip_member_is_one_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_corrupt_cached_download_is_dropped_when_unpinned(tmp_path):
-    bad = tmp_path / "zoo.zip"
-    bad.write_bytes(b"PK\x03\x04 definitely not a zip")
+def test_corrupt_cached_download_is_dropped_when_unpinned(server, tmp_path):
+    server.files["/zoo.zip"] = b"PK\x03\x04 definitely not a zip"
     cache = tmp_path / "cache"
     with pytest.raises(ProbegenError, match="zoo.zip: corrupt.*rerun to fetch it again") as err:
-        fetch_zoo(str(bad), tmp_path / "raw", cache_dir=cache, progress=False)
+        fetch_zoo(f"{server.url}/zoo.zip", tmp_path / "raw", cache_dir=cache, progress=False)
     assert "\n" not in str(err.value)
     assert_no_leftovers(cache, [])
+
+
+def test_your_own_archive_is_read_in_place_every_time(tmp_path):
+    """source: path reads the archive where it is: an edit is what the next fetch sees (no stale copy)."""
+    archive = make_tar(tmp_path / "mine.tar.gz", {"zoo/a.pth": b"one"})
+    fetch_zoo(str(archive), tmp_path / "raw", cache_dir=tmp_path / "cache", progress=False)
+    make_tar(archive, {"zoo/a.pth": b"two"})
+    fetch_zoo(str(archive), tmp_path / "raw", cache_dir=tmp_path / "cache", progress=False)
+    assert (tmp_path / "raw/zoo/a.pth").read_bytes() == b"two" and not (tmp_path / "cache").exists()
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"PK\x03\x04 definitely not a zip")
+    with pytest.raises(ProbegenError, match="bad.zip: corrupt"):
+        fetch_zoo(str(bad), tmp_path / "raw2", progress=False)
+    assert bad.exists()  # your file is never deleted
 
 
 # -----------------------------------------------------------------------------
