@@ -132,12 +132,12 @@ def zoo_names(params):
 
 
 def method_names(params, kind):
-    from probegen.methods import METHODS  # the registry knows each method's kind
+    from probegen.methods import METHODS, available  # the registry knows each method's kind
 
     names = _name_list(params, f"methods.{kind}")
     for name in names:
         if name not in METHODS:
-            raise ProbegenError(f"{PARAMS}: methods.{kind}: unknown method {name!r}; known: {sorted(METHODS)}")
+            raise ProbegenError(f"{PARAMS}: methods.{kind}: unknown method {name!r}; known: {available()}")
         if METHODS[name].kind != kind:
             raise ProbegenError(f"{PARAMS}: methods.{kind}: {name!r} is a {METHODS[name].kind} method")
     return names

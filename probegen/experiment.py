@@ -27,7 +27,7 @@ import numpy as np
 from probegen import config
 from probegen.errors import ProbegenError
 from probegen.io import write_json
-from probegen.methods import METHODS, build_method
+from probegen.methods import METHODS, available, build_method
 from probegen.train import Checkpoint, train_seeds
 from probegen.zoo.packed import load_packed
 from probegen.zoo.splits import load_split
@@ -50,7 +50,7 @@ def run(params, zoo_name, method_name, root=".", progress=True):
     """Train every seed of (zoo, method) and write their outputs. Returns the metrics of each seed."""
     root = Path(root)
     if method_name not in METHODS:
-        raise ProbegenError(f"unknown method {method_name!r}; known: {sorted(METHODS)}")
+        raise ProbegenError(f"unknown method {method_name!r}; known: {available()}")
     method_cfg = config.method_config(params, method_name)
     schedule = config.train_config(params, zoo_name, method_name)
     seeds = config.seeds(params)

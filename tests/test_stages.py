@@ -15,7 +15,7 @@ def fetched(tmp_path_factory):
     repo = make_project(tmp_path_factory.mktemp("stages") / "repo", tiny_params())
     for zoo in ("digits_inr", "digits_cnn"):
         for stage in ("fetch", "pack", "split"):
-            run(f"python stages/{stage}.py {zoo}", repo)
+            run(f"python -m stages.{stage} {zoo}", repo)
     return repo
 
 
@@ -36,13 +36,31 @@ def assert_one_error_line(proc, *needles):
 
 
 def test_unknown_method_names_it(fetched):
-    proc = run("python stages/train.py digits_inr probegenn 0", fetched, check=False)
+    proc = run("python -m stages.train digits_inr probegenn", fetched, check=False)
     assert_one_error_line(proc, "probegenn")
-    assert not (fetched / "metrics/digits_inr/probegenn-0.json").exists()
+    assert not (fetched / "models/digits_inr/probegenn").exists()
+
+
+@pytest.mark.parametrize("script", ["check", "fetch", "pack", "split", "render_probes", "train", "localize",
+                                    "induction", "aggregate"])
+def test_stage_scripts_answer_help_and_wrong_arguments_with_a_usage_line(fetched, script):
+    proc = run(f"python -m stages.{script} --help", fetched, check=False)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"usage: python -m stages.{script}"), proc.stderr
+    assert "Traceback" not in proc.stderr and not (fetched / "metrics/summary.json").exists()  # nothing ran
+    proc = run(f"python -m stages.{script} one two three", fetched, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage:") and "Traceback" not in proc.stderr
+
+
+def test_the_probegen_command_lists_the_stages_and_tools(fetched):
+    proc = run("probegen --help", fetched)
+    for command in ("check", "fetch", "pack", "split", "render-probes", "train", "localize", "induction",
+                    "aggregate", "bench", "plots"):
+        assert command in proc.stdout
+    assert run("probegen nope", fetched, check=False).returncode == 2
 
 
 def test_unknown_zoo_names_the_key(fetched):
-    proc = run("python stages/fetch.py imagenet_inr", fetched, check=False)
+    proc = run("python -m stages.fetch imagenet_inr", fetched, check=False)
     assert_one_error_line(proc, "zoo.imagenet_inr")
     assert not (fetched / "data/raw/imagenet_inr").exists()
 
@@ -51,11 +69,11 @@ def test_unknown_zoo_names_the_key(fetched):
 def test_bad_num_probes_fails_before_training(fetched, value):
     set_params(fetched, num_probes=value)
     try:
-        proc = run("python stages/train.py digits_inr probegen 0", fetched, check=False)
+        proc = run("python -m stages.train digits_inr probegen", fetched, check=False)
     finally:
         set_params(fetched, num_probes=4)
     assert_one_error_line(proc, "num_probes")
-    assert not (fetched / "models/digits_inr/probegen-0.pt").exists()
+    assert not (fetched / "models/digits_inr/probegen").exists()
 
 
 def test_dvc_reports_an_unknown_zoo(tmp_path):
@@ -71,7 +89,7 @@ def test_corrupt_checkpoint_names_the_file_and_keeps_the_old_pack(fetched):
     before = (fetched / "data/zoos/digits_inr/weights.npy").read_bytes()
     ckpt.write_bytes(original[: len(original) // 2])
     try:
-        proc = run("python stages/pack.py digits_inr", fetched, check=False)
+        proc = run("python -m stages.pack digits_inr", fetched, check=False)
     finally:
         ckpt.write_bytes(original)
     assert_one_error_line(proc, ckpt.name)
@@ -85,12 +103,12 @@ def test_nan_weights_are_dropped_with_a_count_or_rejected(fetched):
     weights[-1, 5] = np.nan  # the last row is a final checkpoint of the last run
     np.save(raw, weights)
     try:
-        proc = run("python stages/pack.py digits_cnn", fetched)
+        proc = run("python -m stages.pack digits_cnn", fetched)
         assert "1 dropped as non-finite" in proc.stdout
         params = yaml.safe_load((fetched / "params.yaml").read_text())
         params["zoo"]["digits_cnn"]["pack"]["nonfinite"] = "error"
         (fetched / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        proc = run("python stages/pack.py digits_cnn", fetched, check=False)
+        proc = run("python -m stages.pack digits_cnn", fetched, check=False)
         assert_one_error_line(proc, "weights.npy", "non-finite")
     finally:
         raw.write_bytes(original)

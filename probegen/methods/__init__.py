@@ -1,6 +1,8 @@
 """Every predictor behind one interface, by name. Adding a method = one new module probegen/methods/<name>.py
 that registers itself with @register("<name>", kind), plus its params.yaml entry `method.<name>`. Modules are
-discovered, not listed, so adding one changes no file that other methods' DVC stages depend on.
+discovered, not listed, so adding one changes no file that other methods' DVC stages depend on; and a
+module is imported the first time its name is looked up in METHODS, so a stage imports only the method it
+trains (torch_geometric, for one, only for the neural-graph baselines).
 
     build_method(name, zoo, cfg, num_probes=..., probe_pool=..., seed=...) -> Method (an nn.Module)
 
@@ -18,7 +20,52 @@ from probegen.errors import ProbegenError
 
 KINDS = ("probe", "weights")
 TRAIN_KEYS = ("optimizer", "lr", "weight_decay", "grad_clip", "schedule")  # read by probegen.train / config
-METHODS = {}
+SHARED = ("base", "classifier")  # what methods import; every other module here is one method
+
+
+def available():
+    """Names of the method modules (= the methods), found without importing them."""
+    return sorted(info.name for info in pkgutil.iter_modules(__path__)
+                  if info.name not in SHARED and not info.name.startswith("_"))
+
+
+class _Registry(dict):
+    """name -> method class. Looking a name up imports its module; iterating imports them all."""
+
+    def _load(self, name):
+        if not dict.__contains__(self, name) and name in available():
+            importlib.import_module(f"{__name__}.{name}")  # registers itself
+
+    def __getitem__(self, name):
+        self._load(name)
+        return dict.__getitem__(self, name)
+
+    def __contains__(self, name):
+        self._load(name)
+        return dict.__contains__(self, name)
+
+    def _all(self):
+        for name in available():
+            self._load(name)
+        return self
+
+    def __iter__(self):
+        return dict.__iter__(self._all())
+
+    def __len__(self):
+        return dict.__len__(self._all())
+
+    def keys(self):
+        return dict.keys(self._all())
+
+    def items(self):
+        return dict.items(self._all())
+
+    def values(self):
+        return dict.values(self._all())
+
+
+METHODS = _Registry()
 
 
 def register(name, kind):
@@ -31,7 +78,7 @@ def register(name, kind):
             # DVC stages depend on probegen/methods/<name>.py: the file must be named after the method
             raise ValueError(f"method {name!r} must live in probegen/methods/{name}.py, not {module}")
         cls.name, cls.kind = name, kind
-        METHODS[name] = cls
+        dict.__setitem__(METHODS, name, cls)
         return cls
     return deco
 
@@ -79,7 +126,7 @@ def build_method(name, zoo, cfg, *, num_probes, probe_pool=None, seed=0):
     """A freshly initialised method for this zoo; initialisation is seeded (torch.manual_seed(seed)).
     A method that does not apply to the zoo's architecture family says so in one line."""
     if name not in METHODS:
-        raise ProbegenError(f"unknown method {name!r}; known: {sorted(METHODS)}")
+        raise ProbegenError(f"unknown method {name!r}; known: {available()}")
     own = method_cfg(name, cfg)
     reason = METHODS[name].why_unsupported(zoo.family)
     if reason:
@@ -88,14 +135,3 @@ def build_method(name, zoo, cfg, *, num_probes, probe_pool=None, seed=0):
     return METHODS[name](zoo, own, num_probes=num_probes, probe_pool=probe_pool)
 
 
-SHARED = ("base", "classifier")  # what methods import; every other module here is one method
-
-
-def _discover():
-    # Importing a method module registers it.
-    for info in pkgutil.iter_modules(__path__):
-        if info.name not in SHARED and not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
-_discover()
