@@ -112,13 +112,6 @@ def test_synthetic_coordinates_are_uniform_in_the_square():
     assert abs(p.mean().item()) < 0.05 and abs(p.var().item() - 1 / 3) < 0.03
 
 
-def test_synthetic_images_need_a_large_enough_pool():
-    with pytest.raises(ProbegenError, match="pool_size"):
-        build_method("synthetic", _zoos()["small_cnn"], SMALL, num_probes=9, probe_pool=POOL)
-    with pytest.raises(ProbegenError, match="no pool"):
-        build_method("synthetic", _zoos()["small_cnn"], SMALL, num_probes=2, probe_pool=None)
-
-
 def test_probing_response_is_the_family_forward_in_probe_order():
     zoo = _zoos()["siren"]
     method = build_method("vanilla", zoo, SMALL, num_probes=6, seed=0)
