@@ -1,8 +1,12 @@
-"""Benchmarks (printed, never asserted):
+"""Benchmarks (printed, never asserted), each figure next to the limit it is measured against:
 
-    python -m probegen.bench                 ProbeGen steps/s batched vs per-model loop, zoo build times,
-                                             path patching hypotheses/s
-    python -m probegen.bench --pipeline      + full default `dvc repro` and `dvc exp run -S num_probes=64`
+    python -m probegen.bench                 the machine's matmul limit; every hot training step (FLOPs,
+                                             seconds by phase, fraction of the limit); the CNN probing step;
+                                             seeds as one ensemble vs one after another; ProbeGen batched
+                                             vs a per-model loop; path patching hypotheses/s
+    python -m probegen.bench --official DIR  + the official ProbeGen code (a local clone of
+                                             jonkahana/ProbeGen) side by side with ours, whole processes
+    python -m probegen.bench --pipeline      + the default `dvc repro` and `dvc exp run -S num_probes=64`
                                              on a fresh clone of HEAD
     python -m probegen.bench --scale full    + synthetic zoos of the real sizes: probing throughput and
                                              projected time of one full paper run per zoo
@@ -92,10 +96,43 @@ def probegen_steps_per_second(zoo, num_probes=128, batch=32, steps=30, device="c
             "probing_only_speedup": probe_batched / probe_looped}
 
 
-def zoo_build_times():
+def stage_timings():
+    """The last pipeline run's timings, as the stages logged them (.probegen/logs/, outside the outputs)."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(Path(".probegen/logs").glob("*.json"))}
+
+
+def digits_cnn_zoo():
+    path = Path("data/zoos/digits_cnn")
+    if path.exists():
+        return load_packed(path)
+    from probegen.nets.small_cnn import zoo_arch
+    return synthetic_zoo("small_cnn", [zoo_arch("relu"), zoo_arch("tanh")], np.arange(600) % 2, "regression")
+
+
+def dead_leaves_pool():
+    path = Path("data/probes/dead_leaves.npy")
+    if path.exists():
+        return np.load(path, mmap_mode="r")
+    from probegen.probes.dead_leaves import render
+    return render(128, 32, seed=0)
+
+
+def training_steps(device, limit, methods):
+    """A profile of one training step of every method on both embedded zoos (K = 128, batch 32)."""
+    from probegen import config
+    from probegen.bench_train import step_profile
+    from probegen.methods import METHODS
+
+    params = config.load_params() if Path("params.yaml").exists() else {}
+    pool = dead_leaves_pool()
     out = {}
-    for summary in sorted(Path("data/raw").glob("*/build_summary.json")):
-        out[summary.parent.name] = json.loads(summary.read_text())
+    for zoo_name, zoo in (("digits_inr", digits_inr_zoo()), ("digits_cnn", digits_cnn_zoo())):
+        for name in methods:
+            if METHODS[name].why_unsupported(zoo.family):
+                continue
+            cfg = (params.get("method") or {}).get(name) or {}
+            cfg = {k: v for k, v in cfg.items() if k != "schedule"}
+            out[f"{zoo_name} {name}"] = step_profile(name, zoo, cfg, device=device, pool=pool, limit=limit)
     return out
 
 
@@ -114,9 +151,12 @@ def pipeline_times(repo="."):
     return times
 
 
-def machine():
+def machine(device):
+    from probegen.bench_train import matmul_limit
+
+    limit = matmul_limit(device)
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": resolve_device("auto")}
+            "device": device, "matmul_limit_gflops": limit / 1e9}, limit
 
 
 def report(title, values):
@@ -126,19 +166,41 @@ def report(title, values):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m probegen.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", action="store_true", help="also time the full default dvc repro")
     parser.add_argument("--scale", choices=["embedded", "full"], default="embedded")
+    parser.add_argument("--official", metavar="DIR", help="a local clone of jonkahana/ProbeGen to run beside ours")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--methods", nargs="*", help="methods whose training step to profile (default: all)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    report("machine", machine())
+    info, limit = machine(device)
+    report("machine (the limit: best dense float32 matmul rate)", info)
+    from probegen.bench_train import ensemble_speedup, probing_step
+    from probegen.methods import available
+
+    for name, profile in training_steps(device, limit, args.methods or available()).items():
+        report(f"training step: {name} (K=128, batch 32)", profile)
+    cnn = digits_cnn_zoo()
+    probes = build_method("probegen", cnn, {}, num_probes=128, seed=0).probes()
+    report("CNN probing step: 32 Small-CNN-Zoo models x 128 probe images, forward + backward to the probes",
+           probing_step(cnn, probes, device=device, limit=limit))
+    inr = digits_inr_zoo()
+    split = {"train": list(range(0, 600)), "val": list(range(600, 700)), "test": list(range(700, 900))}
+    for name, cfg in (("probegen", {}), ("mlp", {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 5e-4,
+                                                 "grad_clip": 10.0})):
+        report(f"3 seeds of {name} on digits_inr: one vmapped ensemble vs one after another",
+               ensemble_speedup(name, inr, split, cfg, device=device))
     report("ProbeGen on digits_inr (K=128, batch 32): batched forward vs per-model nn.Module loop",
-           probegen_steps_per_second(digits_inr_zoo(), device=device))
-    for zoo, summary in zoo_build_times().items():
-        report(f"zoo build: {zoo}", summary)
+           probegen_steps_per_second(inr, device=device))
+    for stage, timing in stage_timings().items():
+        report(f"last pipeline run: {stage}", timing)
     from probegen.patching.bench import bench_patching
     report("path patching on the induction model: hypotheses/s", bench_patching())
+    if args.official:
+        from probegen.bench_official import official_vs_ours
+        report("whole 30-epoch ProbeGen run on digits_inr: the official code vs ours", official_vs_ours(args.official))
     if args.scale == "full":
         for zoo, values in full_scale_report(device).items():
             report(f"full scale: {zoo}", values)

@@ -53,9 +53,15 @@ def check():
 
 @command("fetch", "fetch@<zoo>: the raw zoo in its published format -> data/raw/<zoo>/", "zoo")
 def fetch(zoo):
+    import time
+
+    from probegen.io import write_json
     from probegen.zoo.sources import fetch as fetch_zoo
     config, params = _params()
-    print(f"fetch@{zoo}: {fetch_zoo(config.zoo_config(params, zoo), f'data/raw/{zoo}')}")
+    t0 = time.perf_counter()
+    summary = fetch_zoo(config.zoo_config(params, zoo), f"data/raw/{zoo}")
+    write_json(f".probegen/logs/fetch-{zoo}.json", {"seconds": time.perf_counter() - t0})  # not an output
+    print(f"fetch@{zoo}: {summary}")
 
 
 @command("pack", "pack@<zoo>: data/raw/<zoo>/ -> data/zoos/<zoo>/ (ragged float32 weights, labels, meta, spec)",

@@ -65,11 +65,14 @@ def forward(arch, weights, x):
     h = x.to(weights.dtype)
     if h.dim() == 2:
         h = h.expand(B, *h.shape)  # (B, K, in) view, no copy
+    last = len(layers) - 1
     for i, (W, b) in enumerate(layers):
+        if i < last:  # sin(w0 (W h + b)) = sin((w0 W) h + w0 b): scale the small weights, not the activations
+            W, b = W * arch["w0"], b * arch["w0"]
         # baddbmm fuses the bias add into the batched matmul: (B, K, in) @ (B, in, out) + (B, 1, out)
         h = torch.baddbmm(b.unsqueeze(1), h, W.transpose(1, 2))  # (B, K, out)
-        if i < len(layers) - 1:
-            h = torch.sin(arch["w0"] * h)
+        if i < last:
+            h = torch.sin(h)
     return h + arch["out_bias"]
 
 

@@ -30,7 +30,9 @@ def test_reference_module_state_dict_round_trip():
 
 
 def test_batched_forward_matches_reference_per_model():
-    rows = random_rows(5, 1185 + 7)  # zero padding beyond num_params must be ignored
+    # Weights at the scale of fitted INRs (the embedded zoo's std is 0.04): with much larger random weights
+    # sin(30 x) is chaotic and float rounding alone separates any two correct implementations.
+    rows = random_rows(5, 1185 + 7, scale=0.05)  # zero padding beyond num_params must be ignored
     rows[:, 1185:] = 0
     x = siren.grid_coords(28)
     out = siren.forward(ARCH, rows, x)  # (5, 784, 1)

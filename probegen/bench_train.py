@@ -1,0 +1,160 @@
+"""Training at the hardware's pace: what one step costs, next to what the machine can do.
+
+    matmul_limit(device)              this machine's dense float32 matmul rate (FLOP/s): the limit
+    step_profile(method, zoo, ...)    one training step: FLOPs counted from the shapes (forward + backward,
+                                      torch's FlopCounterMode), seconds split into data, forward, backward,
+                                      optimizer, and the part of them that is Python and dispatch (wall time
+                                      minus the time inside aten kernels, from the profiler)
+    probing_step(zoo, ...)            the probing alone: B models on K probes, forward and backward to the
+                                      probes, as one ProbeGen step runs it
+    ensemble_speedup(...)             S seeds trained as one vmapped ensemble vs one after another, with
+                                      the test metric of both (they must agree)
+
+FLOPs count matmuls and convolutions (2 per multiply-add); elementwise work is not counted, so the ratio to
+the matmul limit is an upper bound on how well a step uses the machine.
+"""
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from probegen.methods import build_method
+from probegen.nets import forward_zoo
+from probegen.train import _optimizer, _Split, train_seeds
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_limit(device="cpu", n=1024, repeats=5):
+    """Best of `repeats` timings of an (n, n) @ (n, n) float32 matmul -> FLOP/s."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        _sync(device)
+        best = min(best, (time.perf_counter() - t0) / 4)
+    return 2 * n ** 3 / best
+
+
+def _flops(fn):
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def step_profile(name, zoo, cfg, *, num_probes=128, batch_size=32, steps=30, device="cpu", pool=None, limit=None):
+    """Seconds per training step of method `name` on `zoo` (its first training rows), split by phase; FLOPs
+    per step from the shapes; achieved FLOP/s and its ratio to `limit` (the matmul rate)."""
+    method = build_method(name, zoo, cfg, num_probes=num_probes, probe_pool=pool, seed=0)
+    n = min(len(zoo), 1024)
+    method.prepare(zoo, np.arange(n))
+    method.to(device)
+    data = _Split(zoo, np.arange(n), torch.device(device))
+    opt = _optimizer([p for p in method.parameters() if p.requires_grad], cfg.get("optimizer", "adam"),
+                     cfg.get("lr", 3e-4), cfg.get("weight_decay", 0.0))
+    regression = zoo.task == "regression"
+    gen = torch.Generator().manual_seed(0)
+    method.train()
+
+    def loss_of(w, a, y):
+        out = method(w, a).float()
+        return F.mse_loss(out, y) if regression else F.cross_entropy(out, y)
+
+    def step(times):
+        t = [time.perf_counter()]
+        w, a, y = data.batch(torch.randint(0, n, (batch_size,), generator=gen))
+        for phase in ("data", "forward", "backward", "optimizer"):
+            if phase == "forward":
+                loss = loss_of(w, a, y)
+            elif phase == "backward":
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            elif phase == "optimizer":
+                opt.step()
+            _sync(device)
+            t.append(time.perf_counter())
+            times[phase] = times.get(phase, 0.0) + t[-1] - t[-2]
+
+    warm = {}
+    for _ in range(3):
+        step(warm)
+    times = {}
+    for _ in range(steps):
+        step(times)
+    per_step = {k: v / steps for k, v in times.items()}
+    total = sum(per_step.values())
+    w, a, y = data.batch(torch.arange(batch_size) % n)
+    flops = _flops(lambda: loss_of(w, a, y).backward())
+    opt.zero_grad(set_to_none=True)
+    out = {"steps_per_s": 1 / total, "step_ms": 1e3 * total, "flops_per_step": flops,
+           "achieved_gflops": flops / total / 1e9,
+           **{f"{k}_ms": 1e3 * v for k, v in per_step.items()},
+           "python_and_dispatch_ms": 1e3 * _overhead(step, steps=5)}
+    if limit:
+        out["fraction_of_matmul_limit"] = flops / total / limit
+    return out
+
+
+def _overhead(step, steps):
+    """Wall time per step not spent inside aten kernels (profiler self times): Python, autograd, dispatch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step({})
+        wall = time.perf_counter() - t0
+    kernels = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("aten::")) / 1e6
+    return max(0.0, wall - kernels) / steps
+
+
+def probing_step(zoo, probes, *, batch_size=32, steps=10, device="cpu", limit=None):
+    """B models on the K probes, forward and backward to the probes (what a ProbeGen step's probing costs)."""
+    weights = zoo.weights[:batch_size].to(device)
+    ids = torch.as_tensor(zoo.arch_ids[:batch_size]).to(device)
+    probes = probes.detach().to(device).requires_grad_()
+
+    def once():
+        forward_zoo(zoo.family, zoo.archs, ids, weights, probes).sum().backward()
+
+    once()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        once()
+    _sync(device)
+    seconds = (time.perf_counter() - t0) / steps
+    flops = _flops(once)
+    out = {"probing_ms": 1e3 * seconds, "flops": flops, "achieved_gflops": flops / seconds / 1e9}
+    if limit:
+        out["fraction_of_matmul_limit"] = flops / seconds / limit
+        out["times_the_limit"] = seconds / (flops / limit)
+    return out
+
+
+def ensemble_speedup(name, zoo, split, cfg, *, seeds=(0, 1, 2), epochs=2, batch_size=32, num_probes=128,
+                     pool=None, device="cpu"):
+    """Train `seeds` together (one vmapped ensemble) and one after another; seconds and test metrics."""
+    out = {}
+    for mode, stack in (("ensemble", True), ("sequential", False)):
+        methods = [build_method(name, zoo, cfg, num_probes=num_probes, probe_pool=pool, seed=s) for s in seeds]
+        t0 = time.perf_counter()
+        results = train_seeds(methods, zoo, split, seeds=list(seeds), epochs=epochs, batch_size=batch_size,
+                              lr=cfg.get("lr", 3e-4), optimizer=cfg.get("optimizer", "adam"),
+                              weight_decay=cfg.get("weight_decay", 0.0), grad_clip=cfg.get("grad_clip"),
+                              eval_every=10 ** 9, device=device, progress=False, stack=stack)
+        out[f"{mode}_s"] = time.perf_counter() - t0
+        out[f"{mode}_test"] = [round(r.metrics["test"], 4) for r in results]
+    out["speedup"] = out["sequential_s"] / out["ensemble_s"]
+    return out
