@@ -6,6 +6,7 @@
                                              vs a per-model loop; path patching hypotheses/s
     python -m probegen.bench --official DIR  + the official ProbeGen code (a local clone of
                                              jonkahana/ProbeGen) side by side with ours, whole processes
+    python -m probegen.bench --gpt2          + path patching at GPT-2-small scale: engine vs hooks
     python -m probegen.bench --pipeline      + the default `dvc repro` and `dvc exp run -S num_probes=64`
                                              on a fresh clone of HEAD
     python -m probegen.bench --scale full    + synthetic zoos of the real sizes: probing throughput and
@@ -171,6 +172,8 @@ def main(argv=None):
     parser.add_argument("--pipeline", action="store_true", help="also time the full default dvc repro")
     parser.add_argument("--scale", choices=["embedded", "full"], default="embedded")
     parser.add_argument("--official", metavar="DIR", help="a local clone of jonkahana/ProbeGen to run beside ours")
+    parser.add_argument("--gpt2", action="store_true", help="also path patching at GPT-2-small scale: the "
+                        "engine vs one hooked forward per hypothesis (15-25 min)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--methods", nargs="*", help="methods whose training step to profile (default: all)")
     args = parser.parse_args(argv)
@@ -198,6 +201,11 @@ def main(argv=None):
         report(f"last pipeline run: {stage}", timing)
     from probegen.patching.bench import bench_patching
     report("path patching on the induction model: hypotheses/s", bench_patching())
+    if args.gpt2:
+        from probegen.patching.bench import bench_gpt2, bench_gpt2_interleaved
+        report("path patching, random GPT-2-small-size model (12 x 12, d 768, seq 64, 16 pairs): interleaved",
+               bench_gpt2_interleaved(device=device))
+        report("the same, each method in its own process (peak memory)", bench_gpt2(device=device))
     if args.official:
         from probegen.bench_official import official_vs_ours
         report("whole 30-epoch ProbeGen run on digits_inr: the official code vs ours", official_vs_ours(args.official))

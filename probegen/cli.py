@@ -133,6 +133,21 @@ def aggregate():
                 print(f"{zoo:12s} {method:10s} {r['metric']}: {r['test_mean']:.4f} ± {r['test_std']:.4f}")
 
 
+@command("gpt2-numbers", "gpt2_numbers: the path patching paper's GPT-2 experiment; reads <folder>/params.yaml, "
+                         "writes <folder>/metrics/ and <folder>/plots/ (needs GPT-2's weights)", "folder")
+def gpt2_numbers(folder):
+    from pathlib import Path
+
+    from probegen import config
+    from probegen.patching.gpt2_numbers import NumbersConfig, load_gpt2, run_gpt2_numbers
+    from probegen.train import resolve_device
+
+    folder = Path(folder)
+    cfg = NumbersConfig.from_params(config.load_params(folder / "params.yaml").get("gpt2_numbers"))
+    model, tokenizer = load_gpt2(cfg.model, resolve_device(cfg.device))
+    run_gpt2_numbers(cfg, model, tokenizer, folder / "metrics/gpt2_numbers.json", folder / "plots/gpt2_numbers.png")
+
+
 # ------------------------------------------------------------------------------------------------- tools
 
 
