@@ -131,8 +131,7 @@ def training_steps(device, limit, methods):
         for name in methods:
             if METHODS[name].why_unsupported(zoo.family):
                 continue
-            cfg = (params.get("method") or {}).get(name) or {}
-            cfg = {k: v for k, v in cfg.items() if k != "schedule"}
+            cfg = config.method_config(params, name, zoo_name) if params else {}
             out[f"{zoo_name} {name}"] = step_profile(name, zoo, cfg, device=device, pool=pool, limit=limit)
     return out
 

@@ -269,28 +269,42 @@ class TrainConfig:
     eval_every: int
 
 
+def per_zoo(params, method, zoo):
+    """method.<method>.per_zoo.<zoo>: what (zoo, method) uses instead of the method's reference settings, for
+    any of its keys and the schedule keys (e.g. the embedded zoos train smaller NFNs for fewer epochs)."""
+    key = f"method.{method}.per_zoo"
+    overrides = _section(params, f"method.{method}").get("per_zoo") or {}
+    if not isinstance(overrides, dict):
+        _fail(key, "a mapping {zoo: {setting: value}}", overrides)
+    override = overrides.get(zoo) or {}
+    if not isinstance(override, dict):
+        _fail(f"{key}.{zoo}", "a mapping of settings", override)
+    return override
+
+
 def train_config(params, zoo, method=None):
-    """The schedule of (zoo, method): train.<zoo>, overridden by method.<method>.schedule.<zoo> when given
-    (neural-graphs trains its baselines with other batch sizes and epochs than ProbeGen)."""
+    """The schedule of (zoo, method): train.<zoo>, overridden by the schedule keys of
+    method.<method>.per_zoo.<zoo> (neural-graphs trains its baselines with other batch sizes and epochs than
+    ProbeGen)."""
     key = f"train.{zoo}"
     cfg = _section(params, key)
     if method is not None:
-        schedules = _section(params, f"method.{method}").get("schedule") or {}
-        if not isinstance(schedules, dict):
-            _fail(f"method.{method}.schedule", "a mapping {zoo: {epochs, batch_size, eval_every}}", schedules)
-        override = schedules.get(zoo) or {}
-        if not isinstance(override, dict) or set(override) - set(SCHEDULE_KEYS):
-            _fail(f"method.{method}.schedule.{zoo}", f"a mapping of {list(SCHEDULE_KEYS)}", override)
-        cfg, key = {**cfg, **override}, (f"method.{method}.schedule.{zoo}" if override else key)
+        override = {k: v for k, v in per_zoo(params, method, zoo).items() if k in SCHEDULE_KEYS}
+        cfg, key = {**cfg, **override}, (f"method.{method}.per_zoo.{zoo}" if override else key)
     return TrainConfig(*(_positive_int(cfg.get(k), f"{key}.{k}") for k in SCHEDULE_KEYS))
 
 
-def method_config(params, name):
-    """method.<name>: the training keys checked here, the method's own keys checked against its defaults."""
+def method_config(params, name, zoo=None):
+    """method.<name> (with its per_zoo.<zoo> overrides when a zoo is given): the training keys checked here,
+    the method's own keys against its defaults; the schedule keys and per_zoo itself are left out."""
     from probegen.methods import METHODS, method_cfg
 
     key = f"method.{name}"
     cfg = _section(params, key)
+    overrides = cfg.pop("per_zoo", None) or {}
+    if zoo is not None:
+        cfg.update({k: v for k, v in per_zoo(params, name, zoo).items() if k not in SCHEDULE_KEYS})
+        key = f"{key} (per_zoo.{zoo})" if zoo in overrides else key
     _choice(cfg.get("optimizer"), f"{key}.optimizer", OPTIMIZERS)
     _number(cfg.get("lr"), f"{key}.lr")
     _number(cfg.get("weight_decay", 0.0), f"{key}.weight_decay", allow_zero=True)
@@ -336,7 +350,7 @@ def check_params(params):
         split_config(params, zoo)
         family = family_of(params, zoo)
         for method in methods:
-            method_config(params, method)
+            method_config(params, method, zoo)
             train_config(params, zoo, method)
             reason = METHODS[method].why_unsupported(family)
             if reason:

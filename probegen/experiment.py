@@ -51,7 +51,7 @@ def run(params, zoo_name, method_name, root=".", progress=True):
     root = Path(root)
     if method_name not in METHODS:
         raise ProbegenError(f"unknown method {method_name!r}; known: {available()}")
-    method_cfg = config.method_config(params, method_name)
+    method_cfg = config.method_config(params, method_name, zoo_name)  # its per_zoo overrides applied
     schedule = config.train_config(params, zoo_name, method_name)
     seeds = config.seeds(params)
     reason = METHODS[method_name].why_unsupported(config.family_of(params, zoo_name))
@@ -144,7 +144,7 @@ def _checkpoint(params, root, zoo, method, key):
 def run_key(params, root, zoo, method):
     """A hash of everything a (zoo, method) run depends on: its params, the packed zoo, the split, the probe
     pool and the code. A checkpoint is resumed only by a run with the same key."""
-    parts = {"method": config.method_config(params, method), "seeds": config.seeds(params),
+    parts = {"method": config.method_config(params, method, zoo), "seeds": config.seeds(params),
              "schedule": vars(config.train_config(params, zoo, method)), "device": config.device(params),
              "num_probes": config.num_probes(params) if METHODS[method].kind == "probe" else None}
     h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())

@@ -19,7 +19,9 @@ import torch
 from probegen.errors import ProbegenError
 
 KINDS = ("probe", "weights")
-TRAIN_KEYS = ("optimizer", "lr", "weight_decay", "grad_clip", "schedule")  # read by probegen.train / config
+TRAIN_KEYS = ("optimizer", "lr", "weight_decay", "grad_clip")  # read by probegen.train
+# ... and per_zoo, read by probegen.config (method.<name>.per_zoo.<zoo>: settings for one zoo)
+CONFIG_KEYS = TRAIN_KEYS + ("per_zoo",)
 SHARED = ("base", "classifier")  # what methods import; every other module here is one method
 
 
@@ -88,7 +90,7 @@ def method_cfg(name, cfg):
     otherwise silently fall back to a default), and so is a value whose type differs from its default's."""
     cls = METHODS[name]
     cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(cls.defaults) - set(TRAIN_KEYS))
+    unknown = sorted(set(cfg) - set(cls.defaults) - set(CONFIG_KEYS))
     if unknown:
         raise ProbegenError(f"method.{name}: unknown key {unknown[0]!r}; {name} reads {sorted(cls.defaults)} "
                             f"and the training keys {list(TRAIN_KEYS)}")
