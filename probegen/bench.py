@@ -170,7 +170,11 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", action="store_true", help="also time the full default dvc repro")
     parser.add_argument("--scale", choices=["embedded", "full"], default="embedded")
-    parser.add_argument("--official", metavar="DIR", help="a local clone of jonkahana/ProbeGen to run beside ours")
+    parser.add_argument("--official", metavar="PATH",
+                        help="also run the official ProbeGen code (a clone or its git dir) beside ours as whole "
+                             "processes: 30 epochs on digits_inr, K=128, batch 32, CPU")
+    parser.add_argument("--official-seeds", type=int, nargs="+", default=[1], metavar="SEED",
+                        help="seeds of that comparison (default: 1, the official default)")
     parser.add_argument("--gpt2", action="store_true", help="also path patching at GPT-2-small scale: the "
                         "engine vs one hooked forward per hypothesis (15-25 min)")
     parser.add_argument("--device", default="auto")
@@ -206,8 +210,8 @@ def main(argv=None):
                bench_gpt2_interleaved(device=device))
         report("the same, each method in its own process (peak memory)", bench_gpt2(device=device))
     if args.official:
-        from probegen.bench_official import official_vs_ours
-        report("whole 30-epoch ProbeGen run on digits_inr: the official code vs ours", official_vs_ours(args.official))
+        from probegen.bench_official import official_vs_ours, report_lines
+        print("\n" + "\n".join(report_lines(official_vs_ours(args.official, seeds=args.official_seeds))))
     if args.scale == "full":
         for zoo, values in full_scale_report(device).items():
             report(f"full scale: {zoo}", values)
