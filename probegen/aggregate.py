@@ -71,8 +71,8 @@ def headline(summary, localized, induction):
            for zoo, rows in summary.items()}
     for zoo, r in localized.items():
         out.setdefault("localize", {})[zoo] = {"probes_for_target": r.get("smallest_probe_set")}
-    if induction:
-        out["induction"] = {"explained": _round(induction)}
+    if induction is not None:
+        out["induction"] = induction
     return out
 
 
@@ -133,7 +133,8 @@ def induction_headline(root="."):
     if not path.exists():
         return None
     result = read_json(path)
-    return result["mean"]["induction"][result["config"]["metric"]]["explained"]
+    score = result["mean"]["induction"][result["config"]["metric"]]  # None: undefined for some seed
+    return {"explained": None if score is None else _round(score["explained"])}
 
 
 # ---------------------------------------------------------------------------------------------- figures

@@ -4,7 +4,7 @@ never the current folder. `import probegen` makes these available as probegen.<n
     zoo = load_zoo("digits_inr", root)                     a packed zoo (data/zoos/<zoo>/)
     split = load_split("digits_inr", root)                 its train / val / test rows (data/splits/<zoo>.json)
     method = build_method("probegen", zoo, {}, num_probes=64, seed=0)
-    result = train(method, zoo, split, epochs=2, ...)      the one training loop (probegen.train)
+    result = train(method, zoo, split, epochs=2, ...)      the one training loop (probegen.training)
     predictor, zoo, run = load_trained(root, "digits_inr", "probegen", seed=0)   a trained run, rebuilt
     report = localize(root, "digits_inr", method="probegen", seed=0, n_pairs=64)  path patching on it
 """
@@ -12,7 +12,7 @@ never the current folder. `import probegen` makes these available as probegen.<n
 from pathlib import Path
 
 from probegen.methods import build_method  # noqa: F401 (re-exported)
-from probegen.train import train, train_seeds  # noqa: F401 (re-exported)
+from probegen.training import train, train_seeds  # noqa: F401 (re-exported)
 
 
 def load_zoo(name, root="."):

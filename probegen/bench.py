@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from probegen.methods import build_method
 from probegen.nets import forward_zoo, get_family
-from probegen.train import resolve_device
+from probegen.training import resolve_device
 from probegen.nets.siren import DWSNETS_ARCH
 from probegen.scale import full_scale_report, synthetic_zoo, wild_park_padding_cost
 from probegen.zoo.packed import load_packed

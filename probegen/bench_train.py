@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from probegen.methods import build_method
 from probegen.nets import forward_zoo
-from probegen.train import _optimizer, _Split, train_seeds
+from probegen.training import _optimizer, _Split, train_seeds
 
 
 def _sync(device):

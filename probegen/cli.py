@@ -140,12 +140,23 @@ def gpt2_numbers(folder):
 
     from probegen import config
     from probegen.patching.gpt2_numbers import NumbersConfig, load_gpt2, run_gpt2_numbers
-    from probegen.train import resolve_device
+    from probegen.training import resolve_device
 
     folder = Path(folder)
     cfg = NumbersConfig.from_params(config.load_params(folder / "params.yaml").get("gpt2_numbers"))
     model, tokenizer = load_gpt2(cfg.model, resolve_device(cfg.device))
     run_gpt2_numbers(cfg, model, tokenizer, folder / "metrics/gpt2_numbers.json", folder / "plots/gpt2_numbers.png")
+
+
+@command("compare-k", "plot the probing methods' test metric against K over this project's DVC experiments "
+                      "-> plots/compare/metric_vs_k.{png,pdf}")
+def compare_k():
+    from probegen.compare import compare_k as plot_k
+    base, points = plot_k(".")
+    for zoo, by_method in points.items():
+        for method, ks in by_method.items():
+            print(f"{zoo:12s} {method:10s} " + "  ".join(f"K={k}: {m:.4f}" for k, (m, _) in sorted(ks.items())))
+    print(f"wrote {base}.png, {base}.pdf")
 
 
 # ------------------------------------------------------------------------------------------------- tools

@@ -28,7 +28,7 @@ from probegen import config
 from probegen.errors import ProbegenError
 from probegen.io import write_json
 from probegen.methods import METHODS, available, build_method
-from probegen.train import Checkpoint, train_seeds
+from probegen.training import Checkpoint, train_seeds
 from probegen.zoo.packed import load_packed
 from probegen.zoo.splits import load_split
 

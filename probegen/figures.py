@@ -149,7 +149,7 @@ def plot_image_probes(probes, title, base, max_show=64):
 
 
 def plot_metric_vs_k(points, base):
-    """points {zoo: {method: [(K, mean, std)]}} -> one panel per zoo, a line per probing method."""
+    """points {zoo: {method: [(K, mean, std, metric name)]}} -> one panel per zoo, a line per probing method."""
     fig, axes = plt.subplots(1, len(points), figsize=(5 * len(points), 3.8), squeeze=False)
     for ax, (zoo, by_method) in zip(axes[0], points.items()):
         metric = "accuracy"

@@ -19,7 +19,11 @@ TINY = {
             "digits_cnn": {"fetch": {"num_runs": 24, "epochs": 2}}},
     "dead_leaves": {"pool_size": 16},
     "train": {"digits_inr": {"epochs": 2, "eval_every": 5}, "digits_cnn": {"epochs": 2, "eval_every": 5}},
-    "method": {m: {"hidden": 32, "layers": 3} for m in ("probegen", "vanilla", "synthetic", "mlp", "statnn")},
+    "method": {**{m: {"hidden": 32, "layers": 3} for m in ("probegen", "vanilla", "synthetic", "mlp", "statnn")},
+               # the graph networks at a toy size, without their embedded-zoo settings (per_zoo)
+               "ng_gnn": {"hidden": 8, "layers": 1, "fourier_dim": 8, "per_zoo": None},
+               "ng_t": {"hidden": 8, "layers": 1, "d_edge": 4, "d_attn_hid": 8, "d_node_hid": 8, "d_edge_hid": 8,
+                        "heads": 2, "d_out_hid": 8, "fourier_dim": 8, "per_zoo": None}},
     "induction": {"seeds": [0], "steps": 30, "n_pairs": 16, "n_fit_pairs": 16, "greedy_rounds": 1, "n_boot": 20},
     "localize": {"n_pairs": 16, "n_boot": 20, "top_probes": 2},
 }

@@ -82,7 +82,7 @@ def test_bad_yaml_names_the_file(tmp_path):
     ("checkpoint.every_steps", -1, r"checkpoint.every_steps: expected an integer >= 0"),
     ("zoo.digits_inr.pack.label_file", 3, r"zoo.digits_inr.pack.label_file: expected a split file URL"),
     ("zoo.digits_cnn.pack.label_file", "x.json", r"zoo.digits_cnn.pack.label_file:.*dwsnets_inr zoos only"),
-    ("localize.method", 7, r"localize.method: expected a probing method's name"),
+    ("localize.top_probes", 1, r"localize.top_probes: expected an integer >= 2"),
 ])
 def test_check_params_names_the_bad_key_in_one_line(params, key, value, words):
     node = params

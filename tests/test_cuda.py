@@ -14,7 +14,7 @@ from probegen.nets import forward_zoo
 from probegen.nets.siren import DWSNETS_ARCH
 from probegen.nets.small_cnn import zoo_arch
 from probegen.scale import synthetic_zoo, wild_park_archs
-from probegen.train import train
+from probegen.training import train
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")

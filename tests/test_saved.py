@@ -14,7 +14,7 @@ from probegen.experiment import save_outputs
 from probegen.methods import METHODS, build_method
 from probegen.nets.siren import DWSNETS_ARCH
 from probegen.probes.dead_leaves import render
-from probegen.train import train
+from probegen.training import train
 from probegen.zoo.packed import PackedWriter
 
 SMALL = {"hidden": 16, "layers": 3, "lr": 1e-3, "optimizer": "adam"}

@@ -7,7 +7,7 @@ from fake_zoo import make_zoo, register_tiny, split_of
 from probegen.errors import ProbegenError
 from probegen.methods import build_method
 from probegen.metrics import kendall_tau
-from probegen.train import _Split, evaluate, resolve_device, stackable, train, train_seeds
+from probegen.training import _Split, evaluate, resolve_device, stackable, train, train_seeds
 
 ARCHS = [{"in": 2, "hidden": 6, "out": 1}]
 SMALL = {"hidden": 32, "layers": 3}
@@ -88,7 +88,7 @@ def test_deterministic_for_a_seed():
 
 
 def test_reads_rows_from_the_memmap_when_a_split_is_too_big(monkeypatch):
-    import probegen.train as tr
+    import probegen.training as tr
     zoo = make_zoo("tiny_mlp", ARCHS, 60, num_classes=3)
     split = split_of(60)
     _, in_ram = _run("mlp", zoo, split, epochs=2, eval_every=2)

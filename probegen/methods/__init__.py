@@ -7,7 +7,7 @@ trains (torch_geometric, for one, only for the neural-graph baselines).
     build_method(name, zoo, cfg, num_probes=..., probe_pool=..., seed=...) -> Method (an nn.Module)
 
 `cfg` is the method's params.yaml entry: the method reads its own keys (Method.defaults, see each module)
-and ignores the training keys that probegen.train reads; any other key is an error (a typo otherwise
+and ignores the training keys that probegen.training reads; any other key is an error (a typo otherwise
 silently falls back to a default).
 """
 
@@ -19,7 +19,7 @@ import torch
 from probegen.errors import ProbegenError
 
 KINDS = ("probe", "weights")
-TRAIN_KEYS = ("optimizer", "lr", "weight_decay", "grad_clip")  # read by probegen.train
+TRAIN_KEYS = ("optimizer", "lr", "weight_decay", "grad_clip")  # read by probegen.training
 # ... and per_zoo, read by probegen.config (method.<name>.per_zoo.<zoo>: settings for one zoo)
 CONFIG_KEYS = TRAIN_KEYS + ("per_zoo",)
 SHARED = ("base", "classifier")  # what methods import; every other module here is one method

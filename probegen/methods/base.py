@@ -23,7 +23,7 @@ class Method(nn.Module):
     # Predictions unchanged when a model's hidden units are permuted within its layout's symmetry (tested
     # for every method and family); probing methods are by construction, since the function is the same.
     invariant = True
-    # Seeds can train as one vmapped ensemble (probegen/train.py): no randomness or data-dependent control
+    # Seeds can train as one vmapped ensemble (probegen/training.py): no randomness or data-dependent control
     # flow inside forward.
     stackable = True
     # Architecture families (probegen/nets) the method is not defined for: {family: why}. Known before any

@@ -41,7 +41,7 @@ class DWSNets(EquivariantMethod):
                           reduction=cfg["reduction"], set_layer=cfg["set_layer"], heads=cfg["heads"],
                           fc_layers=cfg["fc_layers"], out_fc_layers=cfg["out_fc_layers"], bn=cfg["bn"],
                           dropout=cfg["dropout"], init_scale=cfg["init_scale"])
-        self.stackable = cfg["dropout"] == 0  # vmapped seeds (probegen/train.py) may not draw random numbers
+        self.stackable = cfg["dropout"] == 0  # vmapped seeds (probegen/training.py) may not draw random numbers
 
     def check_layouts(self, layouts):
         if any(layer.kind != "linear" for lay in layouts for layer in lay.layers):

@@ -145,7 +145,7 @@ class NFNMethod(EquivariantMethod):
                        fourier_size=cfg["fourier_size"] if cfg["fourier"] else 0, fourier_scale=cfg["fourier_scale"],
                        io_bands=cfg["io_bands"] if cfg["io_encoding"] else 0, io_max_freq=cfg["io_max_freq"],
                        head_hidden=cfg["head_hidden"], head_dropout=cfg["head_dropout"])
-        self.stackable = cfg["head_dropout"] == 0  # vmapped seeds (probegen/train.py) may not draw random numbers
+        self.stackable = cfg["head_dropout"] == 0  # vmapped seeds (probegen/training.py) may not draw random numbers
 
     def predict(self, tensors, space):
         return self.net([t.unsqueeze(-1) for t in tensors], space)  # natural (b, *shape, 1)

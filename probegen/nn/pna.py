@@ -19,7 +19,6 @@ same function).
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch_geometric.nn.aggr import DegreeScalerAggregation
 
 AGGREGATORS = ["mean", "min", "max", "std"]
 SCALERS = ["identity", "amplification"]
@@ -27,6 +26,10 @@ SCALERS = ["identity", "amplification"]
 
 class PNAConv(nn.Module):
     def __init__(self, d, edge_dim, deg):
+        # imported here: torch_geometric takes ~5 s to import, which every stage that only looks a method up
+        # (the check stage, for one) would otherwise pay
+        from torch_geometric.nn.aggr import DegreeScalerAggregation
+
         super().__init__()
         self.film = nn.Linear(edge_dim, 2 * d)
         self.pre = nn.Linear(2 * d, d)  # on [x_target, x_source]

@@ -172,10 +172,10 @@ def _gpt2_workload(args):
     return model, graph, x_r, x_c, edges, circuits
 
 
+@torch.no_grad()  # a decorator, not a global switch: isolate=False runs this in the caller's process
 def _in_process(method, args):
     from probegen.patching.evaluate import kl
     from probegen.patching.hooks import HookPatcher
-    torch.set_grad_enabled(False)
     model, graph, x_r, x_c, edges, circuits = _gpt2_workload(args)
     d = kl()
     t0 = time.perf_counter()
@@ -226,11 +226,11 @@ def bench_gpt2_interleaved(seq=64, pairs=16, n_edge=8, n_multi=8, seed=0, device
         return pool.submit(_interleaved, args).result()
 
 
+@torch.no_grad()
 def _interleaved(args):
     from probegen.patching.evaluate import kl
     from probegen.patching.hooks import HookPatcher
     from probegen.patching.paths import edge_patch
-    torch.set_grad_enabled(False)
     model, graph, x_r, x_c, edges, circuits = _gpt2_workload(args)
     d = kl()
     hooks, patcher = HookPatcher(model, x_r, x_c), Patcher(graph, x_r, x_c)

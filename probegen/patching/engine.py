@@ -13,23 +13,28 @@ one call with the copies stacked on the batch axis. The treeified graph (one cop
 depth) is never built; the brute-force evaluator builds it, for tests.
 """
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from functools import lru_cache
 
 import torch
 
 from probegen.errors import ProbegenError
-from probegen.patching.graph import slot_sum
+from probegen.patching.graph import slot_sum, sum_onto
 from probegen.patching.paths import ANY, item_matches, parse_hypothesis
 
-REF, CF, MIXED = "ref", "cf", "mixed"
+REF, CF, MIXED, TASK = "ref", "cf", "mixed", "task"
 
 
 class Patcher:
     """Runs the graph once on x_r and once on x_c, caches every node, then evaluates hypotheses."""
 
-    def __init__(self, graph, x_r, x_c):
+    def __init__(self, graph, x_r, x_c, exact_sums=None):
+        """exact_sums: True: every slot input is the left-to-right sum of its senders' values, bit for bit as in
+        the plain forward (sums are only continued from shared prefixes); False: a slot input whose senders
+        mostly carry cached values may also be computed as the cached sum plus the differences of the few that
+        do not (equal to float rounding). None: the graph's choice (`graph.exact_sums`, True by default)."""
         self.graph = graph
+        self.exact_sums = bool(getattr(graph, "exact_sums", True) if exact_sums is None else exact_sums)
         self.leaves_r, self.leaves_c = graph.leaf_values(x_r), graph.leaf_values(x_c)
         for leaf in graph.inputs:
             a, b = self.leaves_r[leaf], self.leaves_c[leaf]
@@ -41,7 +46,10 @@ class Patcher:
             self.cf = graph.run(leaves=self.leaves_c)
         self.batch = self.ref[graph.output].shape[0]
         self._kind = {}  # (node, state) -> REF | CF | MIXED, shared by all hypotheses
-        self._sums = {}  # slot sums of cached values only (no recomputed task among the senders)
+        self._sums = {}  # exact_sums: slot sums of cached values only (no recomputed task among the senders)
+        self._base = {}  # (REF | CF, senders) -> the sum of the senders' reference / counterfactual values
+        self._parent = graph.sender_prefixes()
+        self.sum_counts = Counter()  # how slot inputs were computed: base, prefix, delta, plain (diagnostics)
         # Nodes fed only by leaves with identical reference and counterfactual values (a constant input, a
         # probe response shared by both models) have one value whatever P says: never recompute them.
         self.static = {leaf for leaf in graph.inputs if torch.equal(self.leaves_r[leaf], self.leaves_c[leaf])}
@@ -94,6 +102,9 @@ class Patcher:
             return CF  # nothing left to match: no prefix can complete a path in P
         if not exc and (ANY,) in inc:
             return REF  # "..." alone matches every prefix
+        tails = _tail_nodes(inc)
+        if tails is not None and name not in tails:
+            return CF  # no pattern can take a step through `name`: nothing left to match below it
         g = self.graph
         if g.is_leaf(name):
             inc, exc = _step(state, (name, None))
@@ -119,10 +130,12 @@ class Patcher:
             key = (name, state)
             if key not in tasks:
                 slots = self.graph.slots(name)
-                tasks[key] = {q: [request(s, _step(state, _elem(name, q, slots))) for s in senders]
-                              for q, senders in slots.items()}
+                tasks[key] = {}
+                for q, senders in slots.items():
+                    sub = _step(state, _elem(name, q, slots))  # the same for every sender of the slot
+                    tasks[key][q] = [request(s, sub) for s in senders]
                 by_node[name].append(key)
-            return ("task", key)
+            return (TASK, key)
 
         roots = [request(self.graph.output, _initial_state(h)) for h in hyps]
         return roots, tasks, by_node
@@ -131,31 +144,128 @@ class Patcher:
 
     def _run_chunk(self, hyps):
         roots, tasks, by_node = self._plan(hyps)
+        steps = self.graph.steps
+        free_after = _last_reads(steps, tasks, roots)
         done = {}  # (node, state) -> tensor (B, ...)
-        sums = {}  # children -> their slot sum; tasks of many hypotheses share most slot inputs
-
-        def value(ref):
-            k, x = ref
-            return self.ref[x] if k == REF else self.cf[x] if k == CF else done[x]
-
-        def slot_input(children):
-            key = tuple(children)
-            cache = sums if any(k == "task" for k, _ in key) else self._sums  # cache-only sums persist
-            if key not in cache:
-                cache[key] = slot_sum(value(c) for c in children)  # same order as the plain forward: exact
-            return cache[key]
-
+        sums = _SlotSums(self, done)
         with torch.no_grad():
-            for name in self.graph.order:  # senders before receivers, so children are always done
-                keys = by_node.get(name)
-                if not keys:
+            for i, step in enumerate(steps):  # senders before receivers, so children are always done
+                items = [(name, key) for name in step for key in by_node.get(name, ())]
+                if not items:
                     continue
-                # (len(keys) * B, ...) per slot: all patched copies of this node in one call
-                slots = {q: torch.cat([slot_input(tasks[k][q]) for k in keys]) for q in tasks[keys[0]]}
-                out = self.graph.call(name, slots)
-                for k, piece in zip(keys, out.split(self.batch)):
-                    done[k] = piece
-        return [value(r) for r in roots]
+                # every patched copy of the step's nodes, computed together (stacked on the batch axis)
+                inputs = [(name, {q: sums.get(senders, tasks[key][q]) for q, senders in self.graph.slots(name).items()})
+                          for name, key in items]
+                for (_, key), out in zip(items, self.graph.call_group(inputs)):
+                    done[key] = out
+                for key in free_after.get(i, ()):
+                    del done[key]  # no later task reads it (slot sums that include it are kept)
+        return [sums.value(r) for r in roots]
+
+    def base_sum(self, base, senders):
+        """The slot sum of the senders' cached values (base REF or CF), left to right as in the plain forward,
+        continued from the sum of the longest sender tuple that is a prefix of `senders`."""
+        key = (base, senders)
+        if key not in self._base:
+            values = self.ref if base == REF else self.cf
+            parent = self._parent.get(senders)
+            if parent is None:
+                total = slot_sum(values[s] for s in senders)
+            else:
+                total = sum_onto(self.base_sum(base, parent), (values[s] for s in senders[len(parent):]))
+            self._base[key] = total
+        return self._base[key]
+
+
+def _last_reads(steps, tasks, roots):
+    """{step index: task keys that no task after that step reads} (the roots are read at the end)."""
+    step_of = {name: i for i, step in enumerate(steps) for name in step}
+    last = {}
+    for key, slots in tasks.items():
+        i = step_of[key[0]]
+        for children in slots.values():
+            for kind, x in children:
+                if kind == TASK and last.get(x, -1) < i:
+                    last[x] = i
+    for kind, x in roots:
+        if kind == TASK:
+            last.pop(x, None)
+    out = defaultdict(list)
+    for key, i in last.items():
+        out[i].append(key)
+    return out
+
+
+class _SlotSums:
+    """The slot inputs of one chunk's tasks. A slot input is the sum of its children's values, where a child is
+    (REF | CF, node) for a cached value or (TASK, key) for a recomputed one. Each distinct child list is summed
+    once (the heads of a layer, and their q / k / v slots, mostly read the same list), by the cheapest of:
+
+    prefix   continue the sum of the longest prefix already summed: a list summed in this chunk, or the cached
+             REF / CF sum of an earlier slot's senders while the children are still all REF / all CF there.
+             Left to right, in place: bit-identical to slot_sum of the children.
+    delta    (only without exact_sums) the cached REF or CF sum of all the senders plus (value - cached value)
+             of the children that differ from it: 2 operations per differing child instead of one per sender
+             after the prefix. Equal to the plain sum up to float rounding.
+    """
+
+    def __init__(self, patcher, done):
+        self.p, self.done, self.chunk = patcher, done, {}
+
+    def value(self, child):
+        kind, x = child
+        return self.p.ref[x] if kind == REF else self.p.cf[x] if kind == CF else self.done[x]
+
+    def get(self, senders, children):
+        key = tuple(children)
+        total = self._lookup(key)
+        if total is None:
+            total = self._compute(senders, key)
+            if self.p.exact_sums and all(k != TASK for k, _ in key):
+                self.p._sums[key] = total  # cached values only: valid for every later chunk too
+            else:
+                self.chunk[key] = total
+        return total
+
+    def _lookup(self, key):
+        total = self.chunk.get(key)
+        return total if total is not None else self.p._sums.get(key)
+
+    def _compute(self, senders, key):
+        changed = {base: self._differing(key, base) for base in (REF, CF)}
+        base = min(changed, key=lambda b: len(changed[b]))
+        counts = self.p.sum_counts
+        if not changed[base]:
+            counts["base"] += 1
+            return self.p.base_sum(base, senders)
+        start, total = self._prefix(senders, key, changed)
+        if not self.p.exact_sums and 2 * len(changed[base]) < len(key) - max(start, 1):
+            counts["delta"] += 1
+            values = self.p.ref if base == REF else self.p.cf
+            return sum_onto(self.p.base_sum(base, senders),
+                            (self.value(key[i]) - values[senders[i]] for i in changed[base]))
+        rest = (self.value(c) for c in key[start:])
+        counts["plain" if total is None else "prefix"] += 1
+        return slot_sum(rest) if total is None else sum_onto(total, rest)
+
+    def _differing(self, key, base):
+        """Indices of the children whose value is not the `base` cache's (constant nodes are in both)."""
+        static = self.p.static
+        return [i for i, (k, x) in enumerate(key) if k != base and not (k == REF and x in static)]
+
+    def _prefix(self, senders, key, changed):
+        """(k, sum of the first k children) for the longest usable prefix, or (0, None)."""
+        parent = self.p._parent.get(senders)
+        while parent is not None:
+            k = len(parent)
+            total = self._lookup(key[:k])
+            if total is not None:
+                return k, total
+            for base, idx in changed.items():
+                if not idx or idx[0] >= k:  # the first k children are all `base`: its cached sum is theirs
+                    return k, self.p.base_sum(base, parent)
+            parent = self.p._parent.get(parent)
+        return 0, None
 
 
 # ----------------------------------------------------------------------------------- backward matching
@@ -168,6 +278,18 @@ def _initial_state(hyp):
 def _elem(name, slot, slots):
     """The path element for entering `name` through `slot` (slot dropped on single-slot nodes)."""
     return (name, slot if len(slots) > 1 else None)
+
+
+@lru_cache(maxsize=1 << 16)
+def _tail_nodes(residuals):
+    """The nodes the residual patterns can match next (their last items), or None when one ends in "..."."""
+    tails = set()
+    for r in residuals:
+        if r and r[-1] == ANY:
+            return None
+        if r:
+            tails.add(r[-1][0])
+    return frozenset(tails)
 
 
 def _nullable(residual):

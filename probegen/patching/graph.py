@@ -42,6 +42,7 @@ class Graph:
         self.embed = embed
         self._check(self.inputs + [n.name for n in nodes])
         self.order = self._topological_order()  # non-leaf nodes, senders before receivers
+        self._sender_prefixes = None  # built on first use (sender_prefixes)
         self._receivers = {name: [] for name in self.inputs + list(self.nodes)}
         for r in self.order:
             for q, senders in self.nodes[r].slots.items():
@@ -116,6 +117,28 @@ class Graph:
                 todo += [r for r, _ in self.receivers(n)]
         return False
 
+    def sender_prefixes(self):
+        """{senders: the longest other slot's sender tuple that is a proper prefix of it, or None}. In a residual
+        stream every layer reads what the one before it read plus that layer's outputs, so a slot sum can be
+        continued from an earlier slot's sum. Found with a trie: linear in the total length of the tuples."""
+        if getattr(self, "_sender_prefixes", None) is None:
+            tuples = {senders for node in self.nodes.values() for senders in node.slots.values()}
+            trie, END = {}, object()
+            for senders in tuples:
+                level = trie
+                for s in senders:
+                    level = level.setdefault(s, {})
+                level[END] = senders
+            parents = {}
+            for senders in tuples:
+                level, best = trie, None
+                for s in senders[:-1]:
+                    level = level[s]
+                    best = level.get(END, best)
+                parents[senders] = best
+            self._sender_prefixes = parents
+        return self._sender_prefixes
+
     def count_paths(self):
         """Number of input -> output paths (slot-resolved), without enumerating them."""
         count = {leaf: 1 for leaf in self.inputs}
@@ -153,6 +176,32 @@ class Graph:
                                 f"size {batch}; node functions must keep the batch axis and treat rows independently")
         return out
 
+    def call_batch(self, name, slot_values_list):
+        """Node `name` on several inputs in one call, stacked on the batch axis: one output per input."""
+        if len(slot_values_list) == 1:
+            return [self.call(name, slot_values_list[0])]
+        slots = {q: torch.cat([sv[q] for sv in slot_values_list]) for q in slot_values_list[0]}
+        sizes = [next(iter(sv.values())).shape[0] for sv in slot_values_list]
+        return list(self.call(name, slots).split(sizes))
+
+    @property
+    def steps(self):
+        """The evaluation order in steps: lists of nodes that read none of each other, senders before receivers.
+        Each node is a step of its own here; a subclass that can compute several nodes in one call (the heads of
+        a layer) groups them, and computes a step's nodes together in `call_group`."""
+        return [[name] for name in self.order]
+
+    def call_group(self, items):
+        """[(node, {slot: tensor})] of one step -> one output per item (here: each node's items in one call)."""
+        by_node = {}
+        for i, (name, slots) in enumerate(items):
+            by_node.setdefault(name, []).append(i)
+        out = [None] * len(items)
+        for name, idx in by_node.items():
+            for i, value in zip(idx, self.call_batch(name, [items[i][1] for i in idx])):
+                out[i] = value
+        return out
+
     def run(self, x=None, leaves=None):
         """Ordinary forward pass: {node: value} for every leaf and every node that reaches the output."""
         values = dict(self.leaf_values(x) if leaves is None else leaves)
@@ -168,9 +217,20 @@ class Graph:
 def slot_sum(values):
     """Sum in the given order (the engine and the plain forward must add identically, bit for bit)."""
     it = iter(values)
-    total = next(it)
-    for v in it:
-        total = total + v
+    return sum_onto(next(it), it)
+
+
+def sum_onto(total, values):
+    """total + v1 + v2 + ..., left to right. `total` itself is never modified: the first addition makes a new
+    tensor, and later ones accumulate into it in place (the same roundings as out-of-place adds, bit for bit,
+    without a fresh allocation per term). A term that would change the result's shape or dtype (broadcasting,
+    promotion) is added out of place."""
+    fresh = False
+    for v in values:
+        if fresh and v.shape == total.shape and v.dtype == total.dtype:
+            total += v
+        else:
+            total, fresh = total + v, True
     return total
 
 

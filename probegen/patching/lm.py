@@ -103,16 +103,19 @@ class LMSpec:
         raise NotImplementedError
 
     def weights(self, layer):
-        """Contiguous copies of raw_weights: fused (d, H*dh) and per head (H, d, dh) / (H, dh, d), rebuilt when
-        a parameter of the model changes (its storage or version counter)."""
+        """Copies of raw_weights: q, k, v side by side ("W_qkv" (d, 3*H*dh), "b_qkv"; "fused" holds views of
+        its three column blocks and contiguous W_O, b_O) and per head (H, d, dh) / (H, dh, d), rebuilt when a
+        parameter of the model changes (its storage or version counter)."""
         key = tuple((t.data_ptr(), t._version) for t in self.params(layer))
         cache = self.__dict__.setdefault("_weights_cache", {})
         if cache.get(layer, (None,))[0] != key:
             H, dh = self.n_heads, self.d_head
             W_Q, W_K, W_V, b_Q, b_K, b_V, W_O, b_O = (t.detach() for t in self.raw_weights(layer))
             per_head = lambda W: W.reshape(W.shape[0], H, dh).permute(1, 0, 2).contiguous()  # (H, d, dh)
+            W_qkv, b_qkv = torch.cat([W_Q, W_K, W_V], 1), torch.cat([b_Q, b_K, b_V])
             cache[layer] = (key, {
-                "fused": tuple(t.contiguous() for t in (W_Q, W_K, W_V, b_Q, b_K, b_V, W_O, b_O)),
+                "W_qkv": W_qkv, "b_qkv": b_qkv,
+                "fused": W_qkv.split(H * dh, 1) + b_qkv.split(H * dh) + (W_O.contiguous(), b_O.contiguous()),
                 "W": (per_head(W_Q), per_head(W_K), per_head(W_V)),
                 "b": (b_Q.view(H, dh), b_K.view(H, dh), b_V.view(H, dh)),
                 "W_O": W_O.contiguous().view(H, dh, -1)})
@@ -151,6 +154,12 @@ def _proj(x, w, slot, heads, dh):
     return out.view(*x.shape[:-1], len(heads), dh).transpose(-3, -2)
 
 
+def _proj_qkv(x, w, H, dh):
+    """x (N, T, d) through the q, k and v weights of every head at once -> three (N, H, T, dh)."""
+    out = torch.addmm(w["b_qkv"], x.flatten(0, -2), w["W_qkv"]).view(*x.shape[:-1], 3, H, dh)
+    return tuple(out.select(-3, i).transpose(-3, -2) for i in range(3))
+
+
 def _head_cols(heads, dh):
     if heads == list(range(heads[0], heads[-1] + 1)):
         return slice(heads[0] * dh, (heads[-1] + 1) * dh)  # contiguous: a view, no gather
@@ -170,7 +179,10 @@ def attend(spec, layer, heads, q_in, k_in, v_in, q_pos):
         pos = spec.shortformer_pos(max(Tk, int(q_pos.max()) + 1))
         xq, xk = xq + pos[q_pos], xk + pos[:Tk]
     dh = spec.d_head
-    q, k, v = _proj(xq, w, 0, heads, dh), _proj(xk, w, 1, heads, dh), _proj(xv, w, 2, heads, dh)
+    if xq is xk and xk is xv and len(heads) == spec.n_heads and len(heads) > 1:
+        q, k, v = _proj_qkv(xq, w, len(heads), dh)  # one matmul for all three, as the model's c_attn
+    else:
+        q, k, v = _proj(xq, w, 0, heads, dh), _proj(xk, w, 1, heads, dh), _proj(xv, w, 2, heads, dh)
     k_pos = torch.arange(Tk, device=q_pos.device)
     # causal: key s is visible from query t iff s <= t; none is hidden when every query sees all keys
     hidden = spec.causal and bool((k_pos[None, :] > q_pos[:, None]).any())
@@ -184,6 +196,33 @@ def attend(spec, layer, heads, q_in, k_in, v_in, q_pos):
         mask = None if not hidden or aligned else k_pos[None, :] <= q_pos[:, None]
         z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=aligned, scale=spec.scale(layer))
     return z.transpose(-3, -2)  # (N, Tq, H', dh)
+
+
+def attend_at(spec, layer, heads, t, q, k, v):
+    """attend for a node at query position t (None: every position) on full-length slot values (N, T, d)."""
+    if t is None:
+        return attend(spec, layer, heads, q, k, v, torch.arange(q.shape[-2], device=q.device))
+    same_kv = v is k
+    q, q_pos = q[:, t:t + 1], torch.tensor([t], device=q.device)
+    if spec.causal:
+        k = k[:, :t + 1]
+        v = k if same_kv else v[:, :t + 1]
+    return attend(spec, layer, heads, q, k, v, q_pos)
+
+
+def heads_each(spec, layer, heads, t, q, k, v):
+    """Each head's own output (no bias) for several heads of a layer reading the same q, k, v (N, T, d): one
+    attention call and one batched product with their W_O blocks -> (H', N, T, d)."""
+    z = attend_at(spec, layer, heads, t, q, k, v)  # (N, Tq, H', dh)
+    W_O = spec.weights(layer)["W_O"]  # (H, dh, d)
+    W_O = W_O[heads[0]:heads[-1] + 1] if heads == list(range(heads[0], heads[-1] + 1)) else W_O[heads]
+    N, Tq, Hs, dh = z.shape
+    out = torch.bmm(z.permute(2, 0, 1, 3).reshape(Hs, N * Tq, dh), W_O).view(Hs, N, Tq, -1)
+    if t is None:
+        return out
+    full = out.new_zeros(Hs, N, q.shape[-2], out.shape[-1])
+    full[:, :, t] = out[:, :, 0]
+    return full
 
 
 def heads_out(spec, layer, heads, z):
@@ -204,11 +243,66 @@ class LMGraph(Graph):
     receivers whose sender lists start alike (every head of a layer reads the same residual stream): a sum
     is continued from the longest already-computed prefix. Left-to-right order is kept, so every value is
     bit-identical to Graph.run's; it only avoids re-adding the same prefix for each of H heads x 3 slots.
+
+    For the engine: the heads of a layer (at one position) form one step, and `call_group` computes the heads
+    that read the same q / k / v inputs in one attention call (`heads_each`) instead of one call per head; and
+    `exact_sums = False` lets slot inputs be cached sums plus the few senders' differences (engine._SlotSums).
+    Both agree with the per-node computation to float rounding, not bit for bit.
     """
 
-    def __init__(self, spec, granularity, per_position, logits, *args, **kwargs):
+    exact_sums = False
+
+    def __init__(self, spec, granularity, per_position, logits, *args, head_units=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.spec, self.granularity, self.per_position, self.logits = spec, granularity, per_position, logits
+        self.head_units = dict(head_units or {})  # head node -> (layer, head, position or None)
+        self._head_name = {unit: name for name, unit in self.head_units.items()}
+        self._steps = self._head_steps()
+
+    @property
+    def steps(self):
+        return self._steps
+
+    def _head_steps(self):
+        """graph.order with consecutive heads of one layer and position merged into one step."""
+        steps, last = [], None
+        for name in self.order:
+            unit = self.head_units.get(name)
+            group = None if unit is None else (unit[0], unit[2])
+            if group is not None and group == last:
+                steps[-1].append(name)
+            else:
+                steps.append([name])
+            last = group
+        return steps
+
+    def call_group(self, items):
+        """Heads that read the same (q, k, v) tensors run together, and so do inputs read by the same heads
+        (stacked on the batch axis): one attention call per set of heads instead of one per head."""
+        if len(items) == 1 or items[0][0] not in self.head_units:
+            return super().call_group(items)
+        layer, _, t = self.head_units[items[0][0]]
+        inputs, heads_of = {}, {}  # (ids of q, k, v) -> slot values / the heads that read them
+        for name, slots in items:
+            key = tuple(id(slots[q]) for q in "qkv")  # the engine hands equal sums over as one tensor
+            inputs[key] = slots
+            head = self.head_units[name][1]
+            if head not in heads_of.setdefault(key, []):
+                heads_of[key].append(head)
+        by_heads = {}
+        for key, heads in heads_of.items():
+            by_heads.setdefault(tuple(sorted(heads)), []).append(key)
+        out = {}
+        for heads, keys in by_heads.items():
+            if len(heads) == 1:  # a lone head: its node's own function
+                values = self.call_batch(self._head_name[(layer, heads[0], t)], [inputs[k] for k in keys])
+                out.update({(k, heads[0]): v for k, v in zip(keys, values)})
+                continue
+            each = heads_each(self.spec, layer, list(heads), t, **_stack([inputs[k] for k in keys]))
+            n = inputs[keys[0]]["q"].shape[0]
+            for i, k in enumerate(keys):
+                out.update({(k, h): each[j, i * n:(i + 1) * n] for j, h in enumerate(heads)})
+        return [out[(tuple(id(slots[q]) for q in "qkv"), self.head_units[name][1])] for name, slots in items]
 
     def run(self, x=None, leaves=None):
         values = dict(self.leaf_values(x) if leaves is None else leaves)
@@ -253,6 +347,20 @@ class LMGraph(Graph):
 
     def _examples(self):
         return [repr(n) for n in (self.inputs[:1] + self.order[:2] + [self.output])]
+
+
+def _stack(slot_dicts):
+    """Slot values of several inputs stacked on the batch axis; a tensor shared by two slots stays shared."""
+    if len(slot_dicts) == 1:
+        return dict(slot_dicts[0])
+    stacked, out = {}, {}
+    for q in slot_dicts[0]:
+        parts = [sd[q] for sd in slot_dicts]
+        key = tuple(map(id, parts))
+        if key not in stacked:
+            stacked[key] = torch.cat(parts)
+        out[q] = stacked[key]
+    return out
 
 
 def shared_sum(senders, values, sums):
@@ -301,6 +409,7 @@ class _Builder:
         self.positions = list(range(T)) if T else [None]
         self.leaves, self.nodes = [], []
         self.resid = {t: [] for t in self.positions}  # senders writing position t (None: all positions)
+        self.head_units = {}  # head node -> (layer, head, t), at head granularity
 
     def name(self, base, t):
         return base if t is None else f"{base}@{t}"
@@ -330,7 +439,7 @@ class _Builder:
         last = logits == "last"
         out = Node(names.out, lambda resid: spec.unembed(resid[:, -1] if last else resid), {"resid": every})
         return LMGraph(spec, self.granularity, bool(self.T), logits, self.leaves, self.nodes + [out], names.out,
-                       embed=self.embedder(biases))
+                       embed=self.embedder(biases), head_units=self.head_units)
 
     def embedder(self, biases):
         spec, names, positions = self.spec, self.spec.names, self.positions
@@ -368,6 +477,8 @@ class _Builder:
                 slots = {"q": tuple(self.resid[t]), "k": self.kv_senders(t), "v": self.kv_senders(t)}
                 name = self.name(base, t)
                 self.nodes.append(Node(name, self._attn_fn(layer, heads, t), slots))
+                if self.granularity == "head":
+                    self.head_units[name] = (layer, heads[0], t)
                 written[t].append(name)
         for t in self.positions:
             self.resid[t] += written[t]
@@ -376,16 +487,9 @@ class _Builder:
         spec, whole = self.spec, self.granularity != "head"
 
         def fn(q, k, v):  # (N, T, d) each: raw residual sums of the slot's senders
-            T = q.shape[-2]
-            if t is None:
-                q_pos = torch.arange(T, device=q.device)
-            else:
-                q, q_pos = q[:, t:t + 1], torch.tensor([t], device=q.device)
-                if spec.causal:
-                    k, v = k[:, :t + 1], v[:, :t + 1]
-            z = attend(spec, layer, heads, q, k, v, q_pos)  # (N, Tq, H', dh)
+            z = attend_at(spec, layer, heads, t, q, k, v)  # (N, Tq, H', dh)
             out = spec.attn_proj(layer, z.flatten(-2)) if whole else heads_out(spec, layer, heads, z)
-            return out if t is None else _place_row(out, t, T)
+            return out if t is None else _place_row(out, t, q.shape[-2])
         return fn
 
     def add_mlp(self, layer):

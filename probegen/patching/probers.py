@@ -51,7 +51,6 @@ from probegen.patching.paths import EVERYTHING, NOTHING, parse_hypothesis, parse
 
 @dataclass
 class LocalizeConfig:
-    method: str = "probegen"  # the prober to analyse; the first trained probing method if it was not trained
     seed: int = 0  # which of its seeds (models/<zoo>/<method>/seed-<seed>.pt); also seeds pairs and bootstrap
     n_pairs: int = 256
     n_boot: int = 500
@@ -74,8 +73,6 @@ class LocalizeConfig:
         t = cfg.target
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
             raise ProbegenError(f"params.yaml: localize.target: expected a number in (0, 1], got {t!r}")
-        if not isinstance(cfg.method, str):
-            raise ProbegenError(f"params.yaml: localize.method: expected a probing method's name, got {cfg.method!r}")
         return cfg
 
 
@@ -487,20 +484,19 @@ def _output_gap(method, w_a, w_b, arch_ids):
 
 
 def localize_stage(zoo_name, cfg, probe_methods, root="."):
-    """localize@<zoo>: analyse cfg.method if it was trained, else the first probing method that was (e.g.
-    `methods.probe=[vanilla]`), else write a note that there is nothing to localize. -> a one-line summary."""
+    """localize@<zoo>: analyse the first probing method of `methods.probe` (`-S 'methods.probe=[vanilla]'`
+    localizes vanilla), seed cfg.seed; if that seed was not trained, write a note. -> a one-line summary."""
     from probegen.experiment import run_paths
 
     root = Path(root)
-    candidates = [cfg.method] + [m for m in probe_methods if m != cfg.method]
-    trained = [m for m in candidates if run_paths(zoo_name, m, cfg.seed, root)["model"].exists()]
-    if not trained:
-        note = f"no trained probing method to localize (tried {candidates}, seed {cfg.seed})"
+    method = probe_methods[0]
+    if not run_paths(zoo_name, method, cfg.seed, root)["model"].exists():
+        note = f"{method} seed {cfg.seed} was not trained (localize.seed must be one of seeds)"
         write_json(root / f"metrics/localize/{zoo_name}.json", {"zoo": zoo_name, "skipped": note})
         with atomic_dir(root / f"plots/localize/{zoo_name}"):
             pass  # an empty folder: the stage's declared output
         return f"localize {zoo_name}: skipped, {note}"
-    out = run_localize(zoo_name, cfg.seed, method=trained[0], n_pairs=cfg.n_pairs, n_boot=cfg.n_boot,
+    out = run_localize(zoo_name, cfg.seed, method=method, n_pairs=cfg.n_pairs, n_boot=cfg.n_boot,
                        target=cfg.target, top_probes=cfg.top_probes, root=root)
     layers = ", ".join(f"{r['layer']} {r['explained']:.2f}" for r in out["layers"]["aligned"]["only"]
                        if r["explained"] is not None)

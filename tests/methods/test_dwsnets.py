@@ -10,7 +10,7 @@ from probegen.methods import METHODS, build_method, method_cfg
 from probegen.nets.siren import DWSNETS_ARCH
 from probegen.nets.small_cnn import zoo_arch
 from probegen.nn.dws import SAB
-from probegen.train import train, train_seeds
+from probegen.training import train, train_seeds
 
 WILD_PARK = {"in_channels": 3, "channels": [4, 8], "kernel_size": [3, 3], "stride": [1, 1], "padding": [1, 1],
              "residual": [-1, -1], "activation": ["relu", "relu"], "num_classes": 10}
@@ -80,7 +80,7 @@ def test_learns_a_separable_inr_zoo():
 
 
 def test_seeds_train_as_a_vmapped_ensemble_like_alone():
-    """Batch norm keeps running statistics per seed when the seeds are stacked (probegen/train.py). Compared
+    """Batch norm keeps running statistics per seed when the seeds are stacked (probegen/training.py). Compared
     on what the models compute: the biases in front of batch norm get float-noise gradients only (BN
     cancels them), which Adam turns into full steps, so those parameters drift apart harmlessly."""
     zoo = make_zoo("siren", [DWSNETS_ARCH], 40, num_classes=3, std=0.05)

@@ -10,7 +10,7 @@ from probegen.methods import METHODS, build_method, method_cfg
 from probegen.nets.siren import DWSNETS_ARCH
 from probegen.nets.small_cnn import zoo_arch
 from probegen.nn.nfn import GaussianFourier
-from probegen.train import train
+from probegen.training import train
 
 NAMES = ("nfn_np", "nfn_hnp")
 RESIDUAL = {"in_channels": 3, "channels": [4, 8, 4], "kernel_size": [3, 3, 3], "stride": [1, 1, 1],

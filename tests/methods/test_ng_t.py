@@ -10,7 +10,7 @@ from fake_zoo import make_zoo, register_tiny, split_of
 from probegen.errors import ProbegenError
 from probegen.methods import build_method
 from probegen.methods.classifier import Classifier
-from probegen.train import stackable, train
+from probegen.training import stackable, train
 
 ARCHS = [{"in": 2, "hidden": 5, "out": 1}, {"in": 2, "hidden": 3, "out": 1}]
 WP = [{"in_channels": 1, "channels": c, "kernel_size": k, "stride": [1] * len(c), "padding": [x // 2 for x in k],
@@ -33,18 +33,19 @@ def batch(zoo):
 
 
 def test_learns_a_separable_zoo_quickly():
-    zoo = make_zoo("tiny_mlp", ARCHS, 120, num_classes=3)
+    zoo = make_zoo("tiny_mlp", ARCHS, 200, num_classes=3, signal=3.0)
     method = build_method("ng_t", zoo, SMALL, num_probes=None, seed=0)
     assert not stackable(method, zoo)
-    res = train(method, zoo, split_of(120), seed=0, epochs=8, eval_every=20, **SCHEDULE)
-    assert res.metrics["test"] >= 0.9, res.metrics
+    res = train(method, zoo, split_of(200), seed=0, epochs=8, eval_every=20, **SCHEDULE)
+    assert res.metrics["test"] >= 0.9, res.metrics  # seeds 0-2 reach 1.0; chance is 1/3
 
 
 def test_learns_a_mixed_architecture_regression_zoo():
-    zoo = make_zoo("wild_park", WP, 80, task="regression", std=0.3)
+    zoo = make_zoo("wild_park", WP, 120, task="regression", std=0.3, signal=3.0)
     method = build_method("ng_t", zoo, SMALL, num_probes=None, seed=0)
-    res = train(method, zoo, split_of(80), seed=0, epochs=8, eval_every=10, **SCHEDULE)
-    assert res.metrics["test"] >= 0.7, res.metrics  # Kendall's tau
+    res = train(method, zoo, split_of(120), seed=0, epochs=8, eval_every=10, **SCHEDULE)
+    # Kendall's tau on 24 test models: seeds 0-2 reach 0.75-0.89; chance is 0 +- 0.15
+    assert res.metrics["test"] >= 0.6, res.metrics
 
 
 def test_a_mixed_batch_predicts_what_each_architecture_predicts_alone():
