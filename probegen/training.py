@@ -26,6 +26,7 @@ identical results.
 import contextlib
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -182,13 +183,17 @@ def train_seeds(methods, zoo, split, *, seeds, epochs, batch_size, lr, optimizer
     stack = all(stackable(m, zoo) for m in methods) if stack is None else stack
     data = {name: _Split(zoo, split[name], device) for name in ("train", "val", "test")}
     groups = [list(range(len(seeds)))] if stack or len(seeds) == 1 else [[s] for s in range(len(seeds))]
-    results = []
-    for group in groups:
-        ck = checkpoint if len(groups) == 1 else _member_checkpoint(checkpoint, group[0])
+    results, cks = [], [checkpoint if len(groups) == 1 else _member_checkpoint(checkpoint, g[0]) for g in groups]
+    for group, ck in zip(groups, cks):
+        # one seed after another: a finished seed keeps its final checkpoint until every seed is done, so a
+        # kill during a later seed does not train it again
         results += _fit([methods[s] for s in group], [seeds[s] for s in group], zoo, data, device,
                         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
                         weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
-                        progress=progress, checkpoint=ck, on_eval=on_eval)
+                        progress=progress, checkpoint=ck, on_eval=on_eval, keep_final=len(groups) > 1)
+    for ck in cks:
+        if ck is not None:
+            Path(ck.path).unlink(missing_ok=True)  # the run is complete: its outputs replace the checkpoints
     return results
 
 
@@ -213,8 +218,9 @@ def _member_checkpoint(checkpoint, index):
 
 
 def _fit(methods, seeds, zoo, data, device, *, epochs, batch_size, lr, optimizer, weight_decay, grad_clip,
-         eval_every, progress, checkpoint, on_eval):
-    """The loop itself, for S = len(methods) seeds at once."""
+         eval_every, progress, checkpoint, on_eval, keep_final=False):
+    """The loop itself, for S = len(methods) seeds at once. keep_final: save the finished state as the
+    checkpoint (resuming it trains nothing) instead of leaving the checkpoint to the caller."""
     S, regression = len(methods), zoo.task == "regression"
     for method, seed in zip(methods, seeds):
         torch.manual_seed(seed)
@@ -265,8 +271,8 @@ def _fit(methods, seeds, zoo, data, device, *, epochs, batch_size, lr, optimizer
     members.finish(state.best)
     schedule = {"epochs": epochs, "batch_size": batch_size, "steps": total}
     results = [_result(m, data, regression, schedule, state, s, device) for s, m in enumerate(methods)]
-    if checkpoint is not None:
-        checkpoint.path.unlink(missing_ok=True)  # the run is complete: its outputs replace the checkpoint
+    if checkpoint is not None and keep_final and state.step == total:
+        _save(checkpoint, state, members, opt, sched)
     return results
 
 

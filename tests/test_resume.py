@@ -147,3 +147,39 @@ def test_a_hostile_checkpoint_runs_nothing_and_is_ignored(tmp_path):
     assert not marker.exists()  # the payload never ran
     assert len(told) == 1 and "unreadable checkpoint" in told[0]
     assert result.metrics["steps"] == 3  # trained from scratch
+
+
+def test_seeds_trained_one_after_another_keep_the_finished_ones_across_a_kill(tmp_path, monkeypatch):
+    """A kill during seed 1 of a sequential run (dropout: not stackable) does not train seed 0 again, and the
+    results equal an uninterrupted run's."""
+    from fake_zoo import make_zoo, split_of
+    from probegen import training
+    from probegen.methods import build_method
+
+    zoo = make_zoo("siren", [DWSNETS_ARCH], 40, num_classes=10, std=0.05)
+    cfg = {"hidden": 8, "layers": 2, "head_dropout": 0.2, "fourier": False, "io_encoding": False}
+
+    def run(checkpoint=None, on_eval=None):
+        methods = [build_method("nfn_np", zoo, cfg, num_probes=None, seed=s) for s in (0, 1)]
+        return training.train_seeds(methods, zoo, split_of(40), seeds=[0, 1], epochs=2, batch_size=8, lr=1e-3,
+                                    eval_every=2, device="cpu", progress=False, checkpoint=checkpoint,
+                                    on_eval=on_eval, stack=False)
+
+    uninterrupted = [r.metrics for r in run()]
+    steps = []
+    real_step = training._step
+    monkeypatch.setattr(training, "_step", lambda *a: steps.append(1) or real_step(*a))
+
+    def killed_in_seed_1(seed, row):
+        if seed == 1:
+            raise KeyboardInterrupt  # stands for the kill: raised inside the loop, after seed 0 finished
+    ck = training.Checkpoint(tmp_path / "ck.pt", "k", every_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        run(ck, killed_in_seed_1)
+    assert (tmp_path / "ck.0.pt").exists()  # seed 0's finished state
+    per_seed = uninterrupted[0]["steps"]
+    steps.clear()
+    resumed = [r.metrics for r in run(ck)]
+    assert len(steps) < per_seed  # seed 1 resumed from its checkpoint; seed 0 trained nothing
+    assert resumed == uninterrupted
+    assert not list(tmp_path.glob("ck*.pt"))  # every checkpoint removed once all seeds are done
