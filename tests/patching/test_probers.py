@@ -295,17 +295,16 @@ def test_missing_predictor_names_its_stage(tmp_path):
         run_localize("nozoo", 0, n_pairs=4, n_boot=2, target=0.9, root=tmp_path)
 
 
-def test_the_stage_localizes_what_was_trained_or_says_there_is_nothing(tmp_path, siren_zoo):
+def test_the_stage_localizes_the_first_probing_method_or_says_it_was_not_trained(tmp_path, siren_zoo):
     from probegen.patching.probers import localize_stage
 
     zoo, _ = siren_zoo
-    line = localize_stage("tiny", LocalizeConfig(n_pairs=8, n_boot=5), ["vanilla"], root=tmp_path)
-    assert "skipped, no trained probing method" in line
+    save_predictor(tmp_path, "tiny", reads_one_probe(zoo))  # probegen seed 0 trained
+    line = localize_stage("tiny", LocalizeConfig(n_pairs=8, n_boot=5), ["vanilla", "probegen"], root=tmp_path)
+    assert "skipped, vanilla seed 0 was not trained" in line  # never falls back to another method's stale model
     saved = json.loads((tmp_path / "metrics/localize/tiny.json").read_text())
-    assert saved["skipped"].startswith("no trained probing method") and (tmp_path / "plots/localize/tiny").is_dir()
-    save_predictor(tmp_path, "tiny", reads_one_probe(zoo))  # only probegen trained; vanilla asked for first
-    line = localize_stage("tiny", LocalizeConfig(method="vanilla", n_pairs=8, n_boot=5), ["vanilla", "probegen"],
-                          root=tmp_path)
+    assert saved["skipped"].startswith("vanilla seed 0") and (tmp_path / "plots/localize/tiny").is_dir()
+    line = localize_stage("tiny", LocalizeConfig(n_pairs=8, n_boot=5), ["probegen", "vanilla"], root=tmp_path)
     assert line.startswith("localize tiny (probegen seed 0)")
     assert json.loads((tmp_path / "metrics/localize/tiny.json").read_text())["method"] == "probegen"
 
