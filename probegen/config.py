@@ -7,6 +7,7 @@ Every accessor checks the keys it returns and raises ProbegenError with one line
 value stops `dvc repro` before any stage has removed its previous outputs.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,6 +329,22 @@ def dead_leaves_config(params):
     return {"pool_size": _positive_int(cfg.get("pool_size"), "dead_leaves.pool_size"),
             "resolution": _positive_int(cfg.get("resolution"), "dead_leaves.resolution"),
             "seed": _int(cfg.get("seed", 0), "dead_leaves.seed")}
+
+
+def dataclass_section(cls, section, key):
+    """A params section (a dict or None) -> cls(**section), with one line `params <key>.<name>: ...` for an
+    unknown key or a value of the wrong type (a float field takes an int; no field takes a bool for a number).
+    The caller checks ranges."""
+    section = dict(section or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section) - set(fields))
+    if unknown:
+        raise ProbegenError(f"params {key}.{unknown[0]}: unknown key (known: {', '.join(fields)})")
+    for name, value in section.items():
+        want = fields[name].type
+        if not isinstance(value, (int, float) if want is float else want) or isinstance(value, bool):
+            raise ProbegenError(f"params {key}.{name}: expected {want.__name__}, got {value!r}")
+    return cls(**section)
 
 
 # ------------------------------------------------------------------------------------------ all at once

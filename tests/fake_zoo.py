@@ -94,3 +94,17 @@ def split_of(n, val=0.2, test=0.2, seed=0):
     n_val, n_test = int(n * val), int(n * test)
     return {"val": perm[:n_val].tolist(), "test": perm[n_val:n_val + n_test].tolist(),
             "train": perm[n_val + n_test:].tolist()}
+
+
+# Two shared zoo shapes of the graph-network tests: two tiny MLP architectures, and a mixed Wild Park zoo
+# (a residual into a narrower layer, five activations, two depths).
+TWO_MLPS = [{"in": 2, "hidden": 5, "out": 1}, {"in": 2, "hidden": 3, "out": 1}]
+MIXED_WILD_PARK = [{"in_channels": 1, "channels": c, "kernel_size": k, "stride": [1] * len(c),
+                    "padding": [x // 2 for x in k], "residual": r, "activation": a, "num_classes": 2}
+                   for c, k, r, a in (([2, 3, 2], [3, 1, 3], [-1, -1, 0], ["relu", "tanh", "gelu"]),
+                                      ([3, 2], [5, 3], [-1, -1], ["sigmoid", "none"]))]
+
+
+def whole_batch(zoo):
+    """Every model of a fake zoo as one batch: (weights (N, D), arch_ids (N,))."""
+    return zoo.weights[:], torch.from_numpy(zoo.arch_ids.copy())

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from probegen.config import dataclass_section
 from probegen.errors import ProbegenError
 from probegen.io import atomic_path, write_json
 from probegen.patching.engine import Patcher
@@ -59,16 +60,7 @@ class NumbersConfig:
 
     @classmethod
     def from_params(cls, params):
-        params = dict(params or {})
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - set(fields))
-        if unknown:
-            raise ProbegenError(f"params gpt2_numbers.{unknown[0]}: unknown key (known: {', '.join(fields)})")
-        for name, v in params.items():
-            want = fields[name].type
-            if not isinstance(v, want) or isinstance(v, bool):
-                raise ProbegenError(f"params gpt2_numbers.{name}: expected {want.__name__}, got {v!r}")
-        cfg = cls(**params)
+        cfg = dataclass_section(cls, params, "gpt2_numbers")
         if not cfg.heads or not all(isinstance(h, str) for h in cfg.heads):
             raise ProbegenError(f"params gpt2_numbers.heads: expected a list of head names like '5.6', got {cfg.heads!r}")
         if cfg.device not in ("cpu", "cuda", "auto"):
@@ -222,7 +214,6 @@ def run_gpt2_numbers(cfg, model, tokenizer, metrics_path, plot_path, log=print):
                        for i, n in enumerate(names)},
         "causal_tracing": {n: _ratio(1 - values[1 + len(names) + i].mean() / ate.mean()) for i, n in enumerate(nodes)},
         "zero_ablation": {n: _ratio(ablate[i].mean() / ate.mean()) for i, n in enumerate(nodes)},
-        "seconds": time.time() - t0,
     }
     result["top"] = {m: sorted(result[m], key=lambda n: -(result[m][n] or 0))[:10] for m in ("causal_tracing", "zero_ablation")}
     plot_gpt2_numbers(result, graph.spec.n_layers, graph.spec.n_heads, plot_path)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from probegen.config import dataclass_section
 from probegen.errors import ProbegenError
 from probegen.io import atomic_path, write_json
 from probegen.patching.engine import Patcher
@@ -51,16 +52,7 @@ class InductionConfig:
     @classmethod
     def from_params(cls, params):
         """A dict from params.yaml -> config, rejecting unknown keys and wrong types with one clear line."""
-        params = dict(params or {})
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - set(fields))
-        if unknown:
-            raise ProbegenError(f"params induction.{unknown[0]}: unknown key (known: {', '.join(fields)})")
-        for name, v in params.items():
-            want = (int, float) if fields[name].type is float else fields[name].type
-            if not isinstance(v, want) or isinstance(v, bool):
-                raise ProbegenError(f"params induction.{name}: expected {fields[name].type.__name__}, got {v!r}")
-        cfg = cls(**params)
+        cfg = dataclass_section(cls, params, "induction")
         cfg.check()
         return cfg
 

@@ -23,6 +23,7 @@ a node at position t writes only row t of its (B, T, d) value, a head at t reads
 and its keys / values from the positions it attends to. Memory grows by a factor T: for small models.
 """
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +50,9 @@ class Names:
     head: str = "{l}.{h}"
 
 
-class LMSpec:
-    """What the graph builder needs from a model. Subclasses fill the attributes and the methods."""
+class LMSpec(ABC):
+    """What the graph builder needs from a model. Subclasses (hf.GPT2Spec, lens.LensSpec) set the attributes
+    and implement the abstract methods; a subclass missing one cannot be instantiated."""
 
     names: Names
     n_layers: int
@@ -61,46 +63,57 @@ class LMSpec:
     has_mlp: bool = True
     shortformer: bool = False  # positions added to the q and k inputs of every head, not to the residual
 
+    @abstractmethod
     def embed(self, tokens):
         """tokens (B, T) -> (token embedding (B, T, d), position embedding (B, T, d) or None)."""
-        raise NotImplementedError
+        ...
 
     def shortformer_pos(self, T):
-        """(T, d) positional embedding added to q and k inputs (shortformer models only)."""
-        raise NotImplementedError
+        """(T, d) positional embedding added to q and k inputs: only specs with shortformer = True define it."""
+        raise ProbegenError(f"{type(self).__name__}: shortformer = True needs a shortformer_pos(T) method")
 
+    @abstractmethod
     def ln1(self, layer, x):
-        raise NotImplementedError
+        """The layer's first LayerNorm (before attention), as the model applies it."""
+        ...
 
+    @abstractmethod
     def ln2(self, layer, x):
-        raise NotImplementedError
+        """The layer's second LayerNorm (before the MLP)."""
+        ...
 
+    @abstractmethod
     def mlp(self, layer, x):
         """The MLP on an already normalised input."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def unembed(self, x):
         """Final LayerNorm (if any) and unembedding: (N, ..., d) -> logits."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def raw_weights(self, layer):
         """The layer's attention weights as the model holds them (views are fine): W_Q, W_K, W_V (d, H*dh),
         b_Q, b_K, b_V (H*dh,), W_O (H*dh, d), b_O (d,), head-major along H*dh."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def params(self, layer):
         """The model's own parameter tensors behind raw_weights (the cache of `weights` is keyed on them)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def scale(self, layer):
         """The factor the model multiplies q . k by before the softmax."""
-        raise NotImplementedError
+        ...
 
     upcast_scores = False  # compute q . k and the softmax in float32 (HF's reorder_and_upcast_attn, eager)
 
+    @abstractmethod
     def attn_proj(self, layer, z):
         """Whole-layer output (bias included) from z (N, T, H*dh), as the model computes it."""
-        raise NotImplementedError
+        ...
 
     def weights(self, layer):
         """Copies of raw_weights: q, k, v side by side ("W_qkv" (d, 3*H*dh), "b_qkv"; "fused" holds views of

@@ -8,18 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from fake_zoo import make_zoo, register_tiny, split_of
+from fake_zoo import MIXED_WILD_PARK, TWO_MLPS, make_zoo, register_tiny, split_of, whole_batch
 from probegen.errors import ProbegenError
 from probegen.methods import build_method
 from probegen.methods.classifier import Classifier
 from probegen.nets.layout import Layer, Layout
 from probegen.training import stackable, train
 
-ARCHS = [{"in": 2, "hidden": 5, "out": 1}, {"in": 2, "hidden": 3, "out": 1}]
-WP = [{"in_channels": 1, "channels": c, "kernel_size": k, "stride": [1] * len(c), "padding": [x // 2 for x in k],
-       "residual": r, "activation": a, "num_classes": 2}
-      for c, k, r, a in (([2, 3, 2], [3, 1, 3], [-1, -1, 0], ["relu", "tanh", "gelu"]),
-                         ([3, 2], [5, 3], [-1, -1], ["sigmoid", "none"]))]
+ARCHS, WP = TWO_MLPS, MIXED_WILD_PARK
 SMALL = {"hidden": 16, "layers": 2, "dropout": 0.0}
 SCHEDULE = {"batch_size": 16, "lr": 3e-3, "optimizer": "adamw", "weight_decay": 5e-4, "grad_clip": 10.0,
             "device": "cpu", "progress": False}
@@ -28,10 +24,6 @@ SCHEDULE = {"batch_size": 16, "lr": 3e-3, "optimizer": "adamw", "weight_decay": 
 @pytest.fixture(autouse=True)
 def tiny(monkeypatch):
     register_tiny(monkeypatch)
-
-
-def batch(zoo):
-    return zoo.weights[:], torch.from_numpy(zoo.arch_ids.copy())
 
 
 def test_learns_a_separable_zoo_quickly():
@@ -56,7 +48,7 @@ def test_a_mixed_batch_predicts_what_each_architecture_predicts_alone():
     method = build_method("ng_gnn", zoo, {}, num_probes=None, seed=0)
     method.prepare(zoo, np.arange(len(ids)))
     method.eval()
-    w, a = batch(zoo)
+    w, a = whole_batch(zoo)
     with torch.no_grad():
         mixed = method(w, a)
         for arch in (0, 1):
@@ -119,6 +111,6 @@ def test_the_state_dict_carries_the_statistics():
     assert trained.graphs.w_std.ne(1).all()
     fresh = build_method("ng_gnn", zoo, SMALL, num_probes=None, seed=1)
     fresh.load_state_dict(trained.state_dict())
-    w, a = batch(zoo)
+    w, a = whole_batch(zoo)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(w, a), trained.eval()(w, a))

@@ -6,17 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from fake_zoo import make_zoo, register_tiny, split_of
+from fake_zoo import MIXED_WILD_PARK, TWO_MLPS, make_zoo, register_tiny, split_of, whole_batch
 from probegen.errors import ProbegenError
 from probegen.methods import build_method
 from probegen.methods.classifier import Classifier
 from probegen.training import stackable, train
 
-ARCHS = [{"in": 2, "hidden": 5, "out": 1}, {"in": 2, "hidden": 3, "out": 1}]
-WP = [{"in_channels": 1, "channels": c, "kernel_size": k, "stride": [1] * len(c), "padding": [x // 2 for x in k],
-       "residual": r, "activation": a, "num_classes": 2}
-      for c, k, r, a in (([2, 3, 2], [3, 1, 3], [-1, -1, 0], ["relu", "tanh", "gelu"]),
-                         ([3, 2], [5, 3], [-1, -1], ["sigmoid", "none"]))]
+ARCHS, WP = TWO_MLPS, MIXED_WILD_PARK
 SMALL = {"hidden": 16, "layers": 2, "d_edge": 8, "d_attn_hid": 16, "d_node_hid": 16, "d_edge_hid": 8, "heads": 2,
          "d_out_hid": 16, "dropout": 0.0}
 SCHEDULE = {"batch_size": 16, "lr": 1e-2, "optimizer": "adamw", "weight_decay": 5e-4, "grad_clip": 10.0,
@@ -26,10 +22,6 @@ SCHEDULE = {"batch_size": 16, "lr": 1e-2, "optimizer": "adamw", "weight_decay": 
 @pytest.fixture(autouse=True)
 def tiny(monkeypatch):
     register_tiny(monkeypatch)
-
-
-def batch(zoo):
-    return zoo.weights[:], torch.from_numpy(zoo.arch_ids.copy())
 
 
 def test_learns_a_separable_zoo_quickly():
@@ -54,7 +46,7 @@ def test_a_mixed_batch_predicts_what_each_architecture_predicts_alone():
     method = build_method("ng_t", zoo, {}, num_probes=None, seed=0)
     method.prepare(zoo, np.arange(len(ids)))
     method.eval()
-    w, a = batch(zoo)
+    w, a = whole_batch(zoo)
     with torch.no_grad():
         mixed = method(w, a)
         for arch in (0, 1):
