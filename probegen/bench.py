@@ -31,6 +31,7 @@ from probegen.methods import build_method
 from probegen.nets import forward_zoo, get_family
 from probegen.training import resolve_device
 from probegen.nets.siren import DWSNETS_ARCH
+from probegen.runtime import keep_freed_memory
 from probegen.scale import full_scale_report, synthetic_zoo, wild_park_padding_cost
 from probegen.zoo.packed import load_packed
 
@@ -180,6 +181,7 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--methods", nargs="*", help="methods whose training step to profile (default: all)")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # the stages' memory policy (probegen.runtime)
     device = resolve_device(args.device)
     info, limit = machine(device)
     report("machine (the limit: best dense float32 matmul rate)", info)

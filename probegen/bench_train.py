@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from probegen.methods import build_method
 from probegen.nets import forward_zoo
+from probegen.runtime import keep_freed_memory
 from probegen.training import _optimizer, _Split, train_seeds
 
 
@@ -119,6 +120,16 @@ def _overhead(step, steps):
     return max(0.0, wall - kernels) / steps
 
 
+def _seconds_per_call(fn, calls, device):
+    fn()  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / calls
+
+
 def probing_step(zoo, probes, *, batch_size=32, steps=10, device="cpu", limit=None):
     """B models on the K probes, forward and backward to the probes (what a ProbeGen step's probing costs)."""
     weights = zoo.weights[:batch_size].to(device)
@@ -128,15 +139,15 @@ def probing_step(zoo, probes, *, batch_size=32, steps=10, device="cpu", limit=No
     def once():
         forward_zoo(zoo.family, zoo.archs, ids, weights, probes).sum().backward()
 
-    once()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        once()
-    _sync(device)
-    seconds = (time.perf_counter() - t0) / steps
+    # Under glibc's default malloc first, the peer figure of probegen.runtime's memory policy.
+    policy = keep_freed_memory(False)
+    default_seconds = _seconds_per_call(once, steps, device)
+    keep_freed_memory(True)
+    seconds = _seconds_per_call(once, steps, device)
     flops = _flops(once)
     out = {"probing_ms": 1e3 * seconds, "flops": flops, "achieved_gflops": flops / seconds / 1e9}
+    if policy:
+        out["probing_ms_glibc_default_malloc"] = 1e3 * default_seconds
     if limit:
         out["fraction_of_matmul_limit"] = flops / seconds / limit
         out["times_the_limit"] = seconds / (flops / limit)

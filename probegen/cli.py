@@ -204,7 +204,11 @@ def main(argv=None):
 
 
 def run_stage(fn, name, args):
-    """Run one command under the stage discipline of probegen.errors.cli (one error line, lock, signals)."""
+    """Run one command under the stage discipline of probegen.errors.cli (one error line, lock, signals),
+    with the training processes' memory policy (probegen.runtime)."""
+    from probegen.runtime import keep_freed_memory
+
+    keep_freed_memory()
     return cli(fn, stage=".".join([name, *args]))(*args)
 
 

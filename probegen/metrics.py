@@ -1,7 +1,6 @@
 """Metrics: accuracy, Kendall's tau-b (scipy), parameter counts."""
 
 import numpy as np
-import scipy.stats
 import torch
 
 
@@ -19,6 +18,8 @@ def kendall_tau(x, y):
         raise ValueError(f"kendall_tau: x and y differ in size ({x.size} vs {y.size})")
     if x.size < 2 or np.isnan(x).any() or np.isnan(y).any() or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
+    import scipy.stats  # here, not at the top: importing scipy.stats costs every stage process 1 s
+
     return float(scipy.stats.kendalltau(x, y).statistic)
 
 

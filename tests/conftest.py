@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from probegen.runtime import keep_freed_memory
+
+keep_freed_memory()  # the stages' memory policy, so that in-process training runs as fast as a stage
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Small enough that a whole `dvc repro` of both embedded zoos takes about a minute on 2 cores.
