@@ -133,7 +133,7 @@ def _seconds_per_call(fn, calls, device):
 def probing_step(zoo, probes, *, batch_size=32, steps=10, device="cpu", limit=None):
     """B models on the K probes, forward and backward to the probes (what a ProbeGen step's probing costs)."""
     weights = zoo.weights[:batch_size].to(device)
-    ids = torch.as_tensor(zoo.arch_ids[:batch_size]).to(device)
+    ids = torch.tensor(zoo.arch_ids[:batch_size]).to(device)  # a copy: the packed arch ids are read-only
     probes = probes.detach().to(device).requires_grad_()
 
     def once():

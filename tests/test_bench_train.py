@@ -1,0 +1,30 @@
+"""The benchmark's CNN probing step: its FLOP count is the analytic one (forward, plus the same again for the
+backward to the probes: the zoo weights take no gradient), and it reports the glibc-default peer figure."""
+
+import platform
+
+import torch
+
+from fake_zoo import make_zoo
+from probegen.bench_train import probing_step
+from probegen.nets.small_cnn import feature_sizes, zoo_arch
+
+ARCHS = [zoo_arch("relu"), zoo_arch("tanh")]
+
+
+def conv_flops_per_input(arch):
+    """2 x multiply-adds of one forward of the Small CNN on one 32x32 input (convs, then fc)."""
+    sides, c_in, total = feature_sizes(arch), arch["in_channels"], 0
+    for c, side in zip(arch["channels"], sides[1:]):
+        total += 2 * c * c_in * arch["kernel"] ** 2 * side * side
+        c_in = c
+    return total + 2 * c_in * arch["num_classes"]
+
+
+def test_probing_step_counts_forward_and_input_gradient_flops():
+    zoo = make_zoo("small_cnn", ARCHS, 8, seed=0)
+    probes = torch.rand(4, 1, 32, 32) * 2 - 1
+    out = probing_step(zoo, probes, batch_size=8, steps=1, limit=1e11)
+    assert out["flops"] == 2 * 8 * 4 * conv_flops_per_input(ARCHS[0])
+    assert out["achieved_gflops"] > 0 and 0 < out["fraction_of_matmul_limit"] < 1
+    assert ("probing_ms_glibc_default_malloc" in out) == (platform.libc_ver()[0] == "glibc")
