@@ -12,6 +12,10 @@ import yaml
 from probegen.runtime import keep_freed_memory
 
 keep_freed_memory()  # the stages' memory policy, so that in-process training runs as fast as a stage
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Workers share the cores: one torch thread each (read when torch loads, after this), inherited by
+    # the stage processes they start, instead of every worker's threads contending for every core.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 
