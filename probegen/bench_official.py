@@ -204,7 +204,10 @@ def report_lines(result):
             f"  speedup   {result['speedup']:8.2f} x wall {result['cpu_speedup']:6.2f} x CPU   test difference "
             f"(ours - official) {100 * (u['test'] - o['test_acc']):+.2f} points",
             f"  machine   {result['cpus']} CPUs, 1-min load average {result['load_avg'][0]:.1f} before, "
-            f"{result['load_avg'][1]:.1f} after"]
+            f"{result['load_avg'][1]:.1f} after",
+            "  per seed  test (official / ours): " + ", ".join(
+                f"{seed}: {o['per_seed'][seed]['test_acc']:.4f} / {u['per_seed'][seed]['test']:.4f}"
+                for seed in result["seeds"])]
 
 
 def _timed(cmd, cwd, env, timeout, log_path):

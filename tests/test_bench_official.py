@@ -172,6 +172,7 @@ def test_both_sides_on_a_fake_official_repo(tmp_path):
     lines = bo.report_lines(result)
     assert "official" in lines[1] and f"{result['official']['test_acc']:.4f}" in lines[1]
     assert "ours" in lines[2] and "0.8150" in lines[2]
+    assert lines[-1].endswith(f"2: {result['official']['per_seed'][2]['test_acc']:.4f} / 0.8200")
 
 
 def test_a_git_dir_is_checked_out_with_only_the_files_main_imports(tmp_path):
