@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from probegen.bench_train import seconds_per_call
 from probegen.methods import build_method
 from probegen.nets import forward_zoo, get_family
 from probegen.training import resolve_device
@@ -41,15 +42,6 @@ def digits_inr_zoo():
     if path.exists():
         return load_packed(path)
     return synthetic_zoo("siren", [DWSNETS_ARCH], np.zeros(1797, dtype=np.int64), "classification")
-
-
-def _timed_steps(step, steps, warmup=3):
-    for _ in range(warmup):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps / (time.perf_counter() - start)
 
 
 def probegen_steps_per_second(zoo, num_probes=128, batch=32, steps=30, device="cpu"):
@@ -89,10 +81,13 @@ def probegen_steps_per_second(zoo, num_probes=128, batch=32, steps=30, device="c
             responses = forward_zoo(zoo.family, zoo.archs, arch_ids[idx], weights[idx], probes)  # (B, K, 1)
         responses.sum().backward()
 
-    batched = _timed_steps(lambda: step(False), steps)
-    looped = _timed_steps(lambda: step(True), max(5, steps // 3))
-    probe_batched = _timed_steps(lambda: probe_only(False), steps)
-    probe_looped = _timed_steps(lambda: probe_only(True), max(5, steps // 3))
+    def per_s(fn, calls):
+        return 1 / seconds_per_call(fn, calls, device, warmup=3)
+
+    batched = per_s(lambda: step(False), steps)
+    looped = per_s(lambda: step(True), max(5, steps // 3))
+    probe_batched = per_s(lambda: probe_only(False), steps)
+    probe_looped = per_s(lambda: probe_only(True), max(5, steps // 3))
     return {"batched_steps_per_s": batched, "loop_steps_per_s": looped, "speedup": batched / looped,
             "probing_only_batched_per_s": probe_batched, "probing_only_loop_per_s": probe_looped,
             "probing_only_speedup": probe_batched / probe_looped}

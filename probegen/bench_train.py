@@ -120,8 +120,10 @@ def _overhead(step, steps):
     return max(0.0, wall - kernels) / steps
 
 
-def _seconds_per_call(fn, calls, device):
-    fn()  # warm-up
+def seconds_per_call(fn, calls, device, warmup=1):
+    """Wall seconds per call of fn after `warmup` calls, the device synchronised around the timed ones."""
+    for _ in range(warmup):
+        fn()
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(calls):
@@ -139,14 +141,13 @@ def probing_step(zoo, probes, *, batch_size=32, steps=10, device="cpu", limit=No
     def once():
         forward_zoo(zoo.family, zoo.archs, ids, weights, probes).sum().backward()
 
-    # Under glibc's default malloc first, the peer figure of probegen.runtime's memory policy.
-    policy = keep_freed_memory(False)
-    default_seconds = _seconds_per_call(once, steps, device)
+    # Under glibc's default malloc first (where it can be set), the peer figure of probegen.runtime's policy.
+    default_seconds = seconds_per_call(once, steps, device) if keep_freed_memory(False) else None
     keep_freed_memory(True)
-    seconds = _seconds_per_call(once, steps, device)
+    seconds = seconds_per_call(once, steps, device)
     flops = _flops(once)
     out = {"probing_ms": 1e3 * seconds, "flops": flops, "achieved_gflops": flops / seconds / 1e9}
-    if policy:
+    if default_seconds is not None:
         out["probing_ms_glibc_default_malloc"] = 1e3 * default_seconds
     if limit:
         out["fraction_of_matmul_limit"] = flops / seconds / limit

@@ -5,8 +5,9 @@ the first conv's output alone). glibc hands every block above its mmap threshold
 free, so the next step page-faults and zero-fills it again: measured on the 2-core CPU, the CNN probing
 step took 3x longer that way (495 vs 158 ms; `python -m probegen.bench` prints the step). With mmap off
 for malloc, large blocks come from the heap and stay there for reuse (up to 1 GiB of free heap at its
-top): after a few steps the heap has grown to the loop's needs and no step faults any more. The cost is memory: a process keeps its peak heap (the digits_cnn probegen stage: 1.15 GB instead
-of 0.85 GB). Results are unchanged (the same kernels on the same numbers).
+top): after a few steps the heap has grown to the loop's needs and no step faults any more. The cost is
+memory: a process keeps its peak heap (the digits_cnn probegen stage: 1.15 GB instead of 0.85 GB). Results
+are unchanged (the same kernels on the same numbers).
 
 Elsewhere than glibc (macOS, musl) this does nothing. Setting MALLOC_MMAP_MAX_ yourself before the process
 starts takes precedence: keep_freed_memory() then leaves malloc as it is.
@@ -14,6 +15,7 @@ starts takes precedence: keep_freed_memory() then leaves malloc as it is.
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
@@ -33,8 +35,13 @@ def keep_freed_memory(keep=True):
 
 
 def _mallopt(option, value):
+    libc = _libc()
+    return libc is not None and hasattr(libc, "mallopt") and bool(libc.mallopt(option, value))
+
+
+@functools.cache
+def _libc():
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(option, value))
-    except (OSError, AttributeError):  # no libc by that name, or a libc without mallopt
-        return False
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:  # no C library by that name
+        return None
