@@ -133,7 +133,9 @@ def seconds_per_call(fn, calls, device, warmup=1):
 
 
 def probing_step(zoo, probes, *, batch_size=32, steps=10, device="cpu", limit=None):
-    """B models on the K probes, forward and backward to the probes (what a ProbeGen step's probing costs)."""
+    """B models on the K probes, forward and backward to the probes (what a ProbeGen step's probing costs),
+    under glibc's default malloc and then under probegen.runtime's policy, which stays on. Call it before
+    anything has grown the heap (bench.main does): the default figure needs a heap without kept blocks."""
     weights = zoo.weights[:batch_size].to(device)
     ids = torch.tensor(zoo.arch_ids[:batch_size]).to(device)  # a copy: the packed arch ids are read-only
     probes = probes.detach().to(device).requires_grad_()
