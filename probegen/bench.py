@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from probegen.bench_train import seconds_per_call
 from probegen.methods import build_method
+from probegen.optim import CosineAdam
 from probegen.nets import forward_zoo, get_family
 from probegen.training import resolve_device
 from probegen.nets.siren import DWSNETS_ARCH
@@ -47,7 +48,8 @@ def probegen_steps_per_second(zoo, num_probes=128, batch=32, steps=30, device="c
     """Training steps/s of ProbeGen: the batched functional forward vs a Python loop over nn.Modules
     (one reference module per zoo member, as the official implementation probes them)."""
     method = build_method("probegen", zoo, {}, num_probes=num_probes, seed=0).to(device)
-    opt = torch.optim.Adam(method.parameters(), lr=3e-4)
+    opt = CosineAdam(method.parameters(), lr=3e-4, weight_decay=0.0, decoupled=False,
+                     total_steps=10 ** 6)  # the training loop's optimizer; a benchmark's rate hardly moves
     fam = get_family(zoo.family)
     n = min(len(zoo), 512)
     weights = zoo.weights[:n].to(device)  # (n, D)
@@ -66,7 +68,7 @@ def probegen_steps_per_second(zoo, num_probes=128, batch=32, steps=30, device="c
         else:
             logits = method(weights[idx], arch_ids[idx])  # (B, 10)
         loss = F.cross_entropy(logits, labels[idx])
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
         opt.step()
 

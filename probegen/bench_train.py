@@ -2,7 +2,7 @@
 
     matmul_limit(device)              this machine's dense float32 matmul rate (FLOP/s): the limit
     step_profile(method, zoo, ...)    one training step: FLOPs counted from the shapes (forward + backward,
-                                      torch's FlopCounterMode), seconds split into data, forward, backward,
+                                      probegen.flops), seconds split into data, forward, backward,
                                       optimizer, and the part of them that is Python and dispatch (wall time
                                       minus the time inside aten kernels, from the profiler)
     probing_step(zoo, ...)            the probing alone: B models on K probes, forward and backward to the
@@ -19,8 +19,8 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
+from probegen.flops import count_flops
 from probegen.methods import build_method
 from probegen.nets import forward_zoo
 from probegen.runtime import keep_freed_memory
@@ -47,13 +47,6 @@ def matmul_limit(device="cpu", n=1024, repeats=5):
     return 2 * n ** 3 / best
 
 
-def _flops(fn):
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def step_profile(name, zoo, cfg, *, num_probes=128, batch_size=32, steps=30, device="cpu", pool=None, limit=None):
     """Seconds per training step of method `name` on `zoo` (its first training rows), split by phase; FLOPs
     per step from the shapes; achieved FLOP/s and its ratio to `limit` (the matmul rate)."""
@@ -63,7 +56,7 @@ def step_profile(name, zoo, cfg, *, num_probes=128, batch_size=32, steps=30, dev
     method.to(device)
     data = _Split(zoo, np.arange(n), torch.device(device))
     opt = _optimizer([p for p in method.parameters() if p.requires_grad], cfg.get("optimizer", "adam"),
-                     cfg.get("lr", 3e-4), cfg.get("weight_decay", 0.0))
+                     cfg.get("lr", 3e-4), cfg.get("weight_decay", 0.0), total_steps=3 + steps)
     regression = zoo.task == "regression"
     gen = torch.Generator().manual_seed(0)
     method.train()
@@ -79,7 +72,7 @@ def step_profile(name, zoo, cfg, *, num_probes=128, batch_size=32, steps=30, dev
             if phase == "forward":
                 loss = loss_of(w, a, y)
             elif phase == "backward":
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 loss.backward()
             elif phase == "optimizer":
                 opt.step()
@@ -96,8 +89,8 @@ def step_profile(name, zoo, cfg, *, num_probes=128, batch_size=32, steps=30, dev
     per_step = {k: v / steps for k, v in times.items()}
     total = sum(per_step.values())
     w, a, y = data.batch(torch.arange(batch_size) % n)
-    flops = _flops(lambda: loss_of(w, a, y).backward())
-    opt.zero_grad(set_to_none=True)
+    flops = count_flops(lambda: loss_of(w, a, y).backward())
+    opt.zero_grad()
     out = {"steps_per_s": 1 / total, "step_ms": 1e3 * total, "flops_per_step": flops,
            "achieved_gflops": flops / total / 1e9,
            **{f"{k}_ms": 1e3 * v for k, v in per_step.items()},
@@ -147,7 +140,7 @@ def probing_step(zoo, probes, *, batch_size=32, steps=10, device="cpu", limit=No
     default_seconds = seconds_per_call(once, steps, device) if keep_freed_memory(False) else None
     keep_freed_memory(True)
     seconds = seconds_per_call(once, steps, device)
-    flops = _flops(once)
+    flops = count_flops(once)
     out = {"probing_ms": 1e3 * seconds, "flops": flops, "achieved_gflops": flops / seconds / 1e9}
     if default_seconds is not None:
         out["probing_ms_glibc_default_malloc"] = 1e3 * default_seconds

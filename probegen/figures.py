@@ -25,7 +25,7 @@ def save(fig, base):
     """base: a path without suffix -> base.png and base.pdf."""
     fig.tight_layout()
     fig.savefig(f"{base}.png", dpi=130)
-    fig.savefig(f"{base}.pdf")
+    fig.savefig(f"{base}.pdf", metadata={"CreationDate": None})  # no timestamp: the same run, the same bytes
     plt.close(fig)
 
 

@@ -169,3 +169,30 @@ def test_a_diverging_run_stops_with_one_line():
     zoo = make_zoo("tiny_mlp", ARCHS, 60, task="regression")
     with pytest.raises(ProbegenError, match=r"non-finite loss .*seed 0.*method.mlp.lr"):
         _run("mlp", zoo, split_of(60), epochs=3, eval_every=2, lr=1e30)
+
+
+def test_a_training_run_imports_neither_torch_dynamo_nor_scipy_stats():
+    """2-3 s and 2 s of every training stage's start-up, for nothing training needs: the optimizer
+    (probegen.optim), the FLOP count (probegen.flops) and Kendall's tau (probegen.metrics) do without them."""
+    from pathlib import Path
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from fake_zoo import make_zoo, split_of
+from probegen.methods import build_method
+from probegen.nets.small_cnn import zoo_arch
+from probegen.training import train
+zoo = make_zoo("small_cnn", [zoo_arch("relu")], 40, task="regression")
+for name in ("probegen", "statnn"):
+    method = build_method(name, zoo, {{"hidden": 8, "layers": 2}}, num_probes=4, seed=0)
+    res = train(method, zoo, split_of(40), seed=0, epochs=2, batch_size=8, eval_every=2, lr=1e-3,
+                optimizer="adamw", weight_decay=0.0, grad_clip=1.0, device="cpu", progress=False)
+    assert res.metrics["metric"] == "kendall_tau" and res.metrics["flops_per_model"] > 0
+print(sorted(m for m in ("torch._dynamo", "scipy.stats") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

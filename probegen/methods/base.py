@@ -9,9 +9,9 @@
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from probegen.errors import ProbegenError
+from probegen.flops import count_flops
 from probegen.methods.classifier import Classifier
 from probegen.nets import forward_zoo, get_family
 
@@ -105,10 +105,8 @@ class ProbingMethod(Method):
 def _forward_flops(fam, arch, dim, input_shape):
     """FLOPs (2 x multiply-adds of matmuls / convolutions) of one model on one input, counted from the
     shapes the family's batched forward actually uses."""
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        fam.forward(arch, torch.zeros(1, dim), torch.zeros(1, *input_shape))
-    return counter.get_total_flops()
+    with torch.no_grad():
+        return count_flops(lambda: fam.forward(arch, torch.zeros(1, dim), torch.zeros(1, *input_shape)))
 
 
 def zoo_rows(zoo, idx):

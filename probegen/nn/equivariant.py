@@ -18,9 +18,9 @@ statistics are per entry, which is not exactly invariant; these are.
 """
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from probegen.errors import ProbegenError
+from probegen.flops import count_flops
 from probegen.methods.base import Method, iter_rows
 from probegen.nets import get_layout, per_layer
 from probegen.nn.nfn import NFN
@@ -109,15 +109,14 @@ class EquivariantMethod(Method):
 
     def flops_per_model(self):
         """FLOPs of one forward (eval mode) of one model per architecture, averaged over the zoo's models;
-        counted by FlopCounterMode on the shapes the forward uses (matmuls, attention, linears)."""
+        counted (probegen.flops) on the shapes the forward uses (matmuls, attention, linears)."""
         was_training, device = self.training, self.mean_0.device
         self.eval()
         per_arch = []
         for a in range(len(self.archs)):
-            counter = FlopCounterMode(display=False)
-            with counter, torch.no_grad():
-                self(torch.zeros(1, self.dim, device=device), torch.full((1,), a, device=device))
-            per_arch.append(counter.get_total_flops())
+            with torch.no_grad():
+                per_arch.append(count_flops(lambda: self(torch.zeros(1, self.dim, device=device),
+                                                         torch.full((1,), a, device=device))))
         self.train(was_training)
         return self._mean_over_archs(per_arch)
 

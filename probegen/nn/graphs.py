@@ -38,9 +38,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from probegen.errors import ProbegenError
+from probegen.flops import count_flops
 from probegen.nets import get_layout, per_layer
 
 # Activation vocabulary of the activation embedding: the reference's, plus sin for SIRENs.
@@ -349,7 +349,7 @@ class GraphEncoder(nn.Module):
 
 def flops_per_arch(method):
     """Forward FLOPs of a graph method on one model of each architecture the zoo uses ([0] for the
-    unused), counted by FlopCounterMode around the method's own forward on a zero row: graph sizes, and so
+    unused), counted (probegen.flops) around the method's own forward on a zero row: graph sizes, and so
     FLOPs, depend on the architecture only."""
     device = next(method.parameters()).device
     was_training = method.training
@@ -359,10 +359,9 @@ def flops_per_arch(method):
         if not count:
             out.append(0)
             continue
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            method(torch.zeros(1, method.dim, device=device), torch.tensor([a], device=device))
-        out.append(counter.get_total_flops())
+        with torch.no_grad():
+            out.append(count_flops(lambda: method(torch.zeros(1, method.dim, device=device),
+                                                  torch.tensor([a], device=device))))
     method.train(was_training)
     return out
 

@@ -79,3 +79,25 @@ def test_free_and_fixed_probes():
     fixed = FixedProbes(torch.ones(3, 2))
     assert list(fixed.parameters()) == [] and "fixed" in fixed.state_dict()
     assert torch.equal(fixed(), torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("channels,layers", [(1, 6), (3, 5)])
+def test_conv_generator_through_its_basis_is_the_layer_by_layer_map(channels, layers):
+    """K = 128 probes go through the map formed on the 32 basis vectors; it must be the stack's own output
+    and give the stack's own gradients (float64, so only the map, not rounding, is compared)."""
+    torch.manual_seed(1)
+    gen = ConvGenerator(channels, layers=layers).double()
+    z = torch.randn(128, 32, dtype=torch.float64, requires_grad=True)
+    direct = gen.net(z.view(128, 32, 1, 1))
+    (g_direct,) = torch.autograd.grad(direct.sin().sum(), [z])
+    w_direct = torch.autograd.grad(gen.net(z.view(128, 32, 1, 1)).sin().sum(), list(gen.parameters()))
+    through = gen.affine(z)
+    assert through.shape == direct.shape == (128, channels, 32, 32)
+    torch.testing.assert_close(through, direct, rtol=1e-10, atol=1e-12)
+    (g_through,) = torch.autograd.grad(through.sin().sum(), [z])
+    w_through = torch.autograd.grad(gen.affine(z).sin().sum(), list(gen.parameters()))
+    torch.testing.assert_close(g_through, g_direct, rtol=1e-10, atol=1e-12)
+    for a, b in zip(w_through, w_direct):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    few = z[:20]  # no more probes than latent dimensions + 1: the stack itself
+    assert torch.equal(gen.affine(few), gen.net(few.reshape(20, 32, 1, 1)))
