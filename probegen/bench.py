@@ -180,7 +180,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     info, limit = machine(device)
     report("machine (the limit: best dense float32 matmul rate)", info)
-    from probegen.bench_train import ensemble_speedup, probing_step
+    from probegen.bench_train import ensemble_speedup, generator_step, probing_step
     from probegen.methods import available
 
     # First: its glibc-default peer figure needs a heap that no earlier measurement has grown. It ends
@@ -189,6 +189,8 @@ def main(argv=None):
     probes = build_method("probegen", cnn, {}, num_probes=128, seed=0).probes()
     report("CNN probing step: 32 Small-CNN-Zoo models x 128 probe images, forward + backward to the probes",
            probing_step(cnn, probes, device=device, limit=limit))
+    report("ProbeGen image generator (6 transposed convs), K=128, forward + backward: basis vs layer by layer",
+           generator_step(device=device, limit=limit))
     for name, profile in training_steps(device, limit, args.methods or available()).items():
         report(f"training step: {name} (K=128, batch 32)", profile)
     inr = digits_inr_zoo()

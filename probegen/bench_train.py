@@ -7,6 +7,8 @@
                                       minus the time inside aten kernels, from the profiler)
     probing_step(zoo, ...)            the probing alone: B models on K probes, forward and backward to the
                                       probes, as one ProbeGen step runs it
+    generator_step(...)               ProbeGen's image generator, its map formed on the latent basis vs the
+                                      K latents through its layers
     ensemble_speedup(...)             S seeds trained as one vmapped ensemble vs one after another, with
                                       the test metric of both (they must agree)
 
@@ -147,6 +149,31 @@ def probing_step(zoo, probes, *, batch_size=32, steps=10, device="cpu", limit=No
     if limit:
         out["fraction_of_matmul_limit"] = flops / seconds / limit
         out["times_the_limit"] = seconds / (flops / limit)
+    return out
+
+
+def generator_step(*, num_probes=128, steps=10, device="cpu", limit=None):
+    """ProbeGen's image generator (CIFAR10-GS: 6 transposed convs), forward + backward for K probes: its
+    affine map formed on the latent basis (what training runs) beside the K latents through the stack
+    layer by layer, the same map; the outputs' largest difference shows it is."""
+    from probegen.probes.generators import ConvGenerator
+
+    gen = ConvGenerator(1, layers=6).to(device)
+    z = torch.randn(num_probes, gen.net[0].in_channels, device=device, requires_grad=True)  # (K, 32)
+    ways = {"basis": gen.affine, "layer_by_layer": lambda z: gen.net(z.view(*z.shape, 1, 1))}
+    out = {}
+    for name, affine in ways.items():
+        def once():
+            gen.zero_grad()
+            torch.tanh(affine(z)).sum().backward()
+
+        seconds, flops = seconds_per_call(once, steps, device), count_flops(once)
+        out.update({f"{name}_ms": 1e3 * seconds, f"{name}_flops": flops, f"{name}_gflops": flops / seconds / 1e9})
+        if limit:
+            out[f"{name}_fraction_of_matmul_limit"] = flops / seconds / limit
+    with torch.no_grad():
+        out["max_abs_difference"] = (ways["basis"](z) - ways["layer_by_layer"](z)).abs().max().item()
+    out["speedup"] = out["layer_by_layer_ms"] / out["basis_ms"]
     return out
 
 

@@ -28,3 +28,18 @@ def test_probing_step_counts_forward_and_input_gradient_flops():
     assert out["flops"] == 2 * 8 * 4 * conv_flops_per_input(ARCHS[0])
     assert out["achieved_gflops"] > 0 and 0 < out["fraction_of_matmul_limit"] < 1
     assert ("probing_ms_glibc_default_malloc" in out) == (platform.libc_ver()[0] == "glibc")
+
+
+def test_generator_step_compares_the_same_map_at_a_quarter_of_the_flops():
+    from probegen.bench_train import generator_step
+    from probegen.probes.generators import conv_layer_specs
+
+    out = generator_step(num_probes=128, steps=1, limit=1e11)
+    side, forward = 1, 0  # spatial size of each layer's input
+    for c_in, c_out, k, stride, pad in conv_layer_specs(6, 32, 16, 1):
+        forward += 2 * c_in * c_out * k * k * side * side  # every input pixel spreads over k x k outputs
+        side = (side - 1) * stride - 2 * pad + k
+    # layer by layer: forward, and the backward to both the weights and the latents (2 x forward)
+    assert out["layer_by_layer_flops"] == 3 * 128 * forward
+    assert out["basis_flops"] < out["layer_by_layer_flops"] / 3  # 33 generator passes instead of 128
+    assert out["max_abs_difference"] < 1e-5 and out["speedup"] > 0

@@ -196,3 +196,28 @@ print(sorted(m for m in ("torch._dynamo", "scipy.stats") if m in sys.modules))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_deterministic_kernels_make_gather_backwards_repeat_exactly_and_restore_the_setting():
+    """Without them, the backward of x[idx] (the graph networks' per-edge gathers) adds with atomics from
+    every thread, and a rerun differs in the last bits; the graph baselines' weights did, run to run."""
+    from probegen.training import deterministic_kernels
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # the race needs two threads (xdist workers run with one)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 32, requires_grad=True)
+    idx, g = torch.randint(0, 2000, (60_000,), generator=gen), torch.randn(60_000, 32, generator=gen)
+    grads = []
+    try:
+        with deterministic_kernels():
+            assert torch.are_deterministic_algorithms_enabled()
+            for _ in range(5):
+                x.grad = None
+                (x[idx] * g).sum().backward()
+                grads.append(x.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], other) for other in grads[1:])
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
+    torch.testing.assert_close(grads[0], torch.zeros(2000, 32).index_add_(0, idx, g), rtol=1e-5, atol=1e-4)
