@@ -466,13 +466,24 @@ def deterministic_kernels():
 
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               det.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    _set_deterministic(True, warn_only=True)
     det.fill_uninitialized_memory = False
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        _set_deterministic(*before[:2])
         det.fill_uninitialized_memory = before[2]
+
+
+def _set_deterministic(mode, warn_only):
+    # torch.use_deterministic_algorithms also sets torch._inductor's config, whose import pulls in
+    # torch._dynamo (2-3 s of a training process). Nothing here is compiled, so only the kernels' flag is
+    # set; the public call where a torch build lacks the setter.
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        setter(mode, warn_only=warn_only)
 
 
 def _autocast(device):
