@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from probegen.bench_train import seconds_per_call
 from probegen.methods import build_method
-from probegen.optim import CosineAdam
 from probegen.nets import forward_zoo, get_family
+from probegen.optim import CosineAdam
 from probegen.training import resolve_device
 from probegen.nets.siren import DWSNETS_ARCH
 from probegen.scale import full_scale_report, synthetic_zoo, wild_park_padding_cost

@@ -160,7 +160,7 @@ def generator_step(*, num_probes=128, steps=10, device="cpu", limit=None):
 
     gen = ConvGenerator(1, layers=6).to(device)
     z = torch.randn(num_probes, gen.net[0].in_channels, device=device, requires_grad=True)  # (K, 32)
-    ways = {"basis": gen.affine, "layer_by_layer": lambda z: gen.net(z.view(*z.shape, 1, 1))}
+    ways = {"basis": gen.affine, "layer_by_layer": gen.layer_by_layer}
     out = {}
     for name, affine in ways.items():
         def once():

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from methods.test_invariance import FAMILIES, build, zoo_and_permuted
-from probegen.errors import ProbegenError
 from probegen.flops import count_flops
 from probegen.methods import METHODS
 
@@ -42,11 +41,11 @@ def test_counts_matmuls_and_convolutions_as_torch_does():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_training_step_counts_as_with_flop_counter_mode(name, family):
+    reason = METHODS[name].why_unsupported(family)
+    if reason:  # DWSNets on convolutional families: it fails before training, with this reason
+        pytest.skip(f"{name} does not run on {family}: {reason}")
     zoo, w, _, ids = zoo_and_permuted(family)
-    try:
-        method = build(name, zoo).train()
-    except ProbegenError:
-        pytest.skip(f"{name} does not run on {family}")
+    method = build(name, zoo).train()
 
     def step():
         method.zero_grad()

@@ -59,13 +59,17 @@ class ConvGenerator(nn.Module):
         map either way (tests/probes/test_generators.py); only float rounding differs."""
         K, nz = z.shape
         if K <= nz + 1:
-            return self.net(z.view(K, nz, 1, 1))
-        offset = self.net(z.new_zeros(1, nz, 1, 1))  # (1, C, 32, 32): every bias carried to the output
+            return self.layer_by_layer(z)
+        offset = self.layer_by_layer(z.new_zeros(1, nz))  # (1, C, 32, 32): every bias carried to the output
         linear = torch.eye(nz, dtype=z.dtype, device=z.device).view(nz, nz, 1, 1)
         for conv in self.net:
             linear = F.conv_transpose2d(linear, conv.weight, None, conv.stride, conv.padding, conv.output_padding,
                                         conv.groups, conv.dilation)  # (nz, c, h, w): column i = the image of e_i
         return offset + (z @ linear.flatten(1)).view(K, *offset.shape[1:])
+
+    def layer_by_layer(self, z):
+        """The same map, each of the K latents through every layer: (K, latent_dim) -> (K, C, 32, 32)."""
+        return self.net(z.view(*z.shape, 1, 1))
 
     def forward(self, z):
         return torch.tanh(self.affine(z))
