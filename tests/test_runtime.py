@@ -12,7 +12,8 @@ import pytest
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
 # A fresh process (a clean heap): the policy or not, then rounds of a 64 MB and a 21 MB tensor, as a
-# training step allocates and frees its activations; prints the page faults of the last 3 rounds.
+# training step allocates and frees its activations; prints the page faults of the median of the last 5
+# rounds (one round of kernel housekeeping, e.g. under a busy machine, may fault on its own).
 LOOP = """
 import resource, sys
 from probegen.runtime import keep_freed_memory
@@ -24,7 +25,7 @@ for _ in range(10):
     a, b = torch.ones(16 << 20), torch.ones(16 << 20 // 3)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     del a, b
-print(sum(faults[-3:]))
+print(sorted(faults[-5:])[2])
 """
 
 
@@ -36,8 +37,8 @@ def last_rounds_faults(policy):
 @glibc_only
 def test_kept_memory_is_reused_and_glibcs_default_faults_every_round():
     pages_per_round = (16 << 20) * 4 * 4 // 3 // resource.getpagesize()  # 85 MB
-    assert last_rounds_faults("default") > 3 * pages_per_round // 2
-    assert last_rounds_faults("keep") < 3 * pages_per_round // 20
+    assert last_rounds_faults("default") > pages_per_round // 2  # a typical round faults on its pages again
+    assert last_rounds_faults("keep") < pages_per_round // 20  # ... and, kept, on under 5% of them
 
 
 @glibc_only
