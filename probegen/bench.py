@@ -11,6 +11,7 @@
                                              on a fresh clone of HEAD
     python -m probegen.bench --scale full    + synthetic zoos of the real sizes: probing throughput and
                                              projected time of one full paper run per zoo
+    python -m probegen.bench --compile       + the ProbeGen step under torch.compile beside eager
 """
 
 import argparse
@@ -174,6 +175,8 @@ def main(argv=None):
                         help="seeds of that comparison (default: 1, the official default)")
     parser.add_argument("--gpt2", action="store_true", help="also path patching at GPT-2-small scale: the "
                         "engine vs one hooked forward per hypothesis (15-25 min)")
+    parser.add_argument("--compile", action="store_true", help="also the ProbeGen step on digits_inr under "
+                        "torch.compile beside eager: compile time, steady-state step, loss agreement (~1 min)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--methods", nargs="*", help="methods whose training step to profile (default: all)")
     args = parser.parse_args(argv)
@@ -202,6 +205,9 @@ def main(argv=None):
                ensemble_speedup(name, inr, split, cfg, device=device))
     report("ProbeGen on digits_inr (K=128, batch 32): batched forward vs per-model nn.Module loop",
            probegen_steps_per_second(inr, device=device))
+    if args.compile:
+        from probegen.bench_train import compiled_step
+        report("ProbeGen step on digits_inr (K=128, batch 32): torch.compile vs eager", compiled_step(inr, device=device))
     for stage, timing in stage_timings().items():
         report(f"last pipeline run: {stage}", timing)
     from probegen.patching.bench import bench_patching

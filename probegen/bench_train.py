@@ -11,6 +11,8 @@
                                       K latents through its layers
     ensemble_speedup(...)             S seeds trained as one vmapped ensemble vs one after another, with
                                       the test metric of both (they must agree)
+    compiled_step(zoo, ...)           the ProbeGen step under torch.compile beside eager: compile seconds,
+                                      steady-state step, and how far their losses part on the same batches
 
 FLOPs count matmuls and convolutions (2 per multiply-add); elementwise work is not counted, so the ratio to
 the matmul limit is an upper bound on how well a step uses the machine.
@@ -99,6 +101,48 @@ def step_profile(name, zoo, cfg, *, num_probes=128, batch_size=32, steps=30, dev
            "python_and_dispatch_ms": 1e3 * _overhead(step, steps=5)}
     if limit:
         out["fraction_of_matmul_limit"] = flops / total / limit
+    return out
+
+
+def compiled_step(zoo, *, name="probegen", num_probes=128, batch_size=32, steps=100, compare=20, device="cpu"):
+    """One training step of `name` eager and under torch.compile (default mode, forward and backward), side by
+    side: the compiled path's first steps (compilation), then both at steady state; and the largest
+    difference of their per-step losses over `compare` steps on the same batches from the same
+    initialisation (they train the same model, to float rounding). Imports torch._dynamo: benchmark only."""
+    n = min(len(zoo), 1024)
+    data = _Split(zoo, np.arange(n), torch.device(device))
+    paths = {}
+    for mode in ("eager", "compiled"):
+        method = build_method(name, zoo, {}, num_probes=num_probes, seed=0).to(device)
+        opt = _optimizer(list(method.parameters()), "adam", 3e-4, 0.0, total_steps=10 ** 6)
+
+        def loss_of(w, a, y, method=method):
+            return F.cross_entropy(method(w, a), y)
+
+        paths[mode] = (torch.compile(loss_of) if mode == "compiled" else loss_of, opt)
+
+    def step(mode, pos):
+        loss_fn, opt = paths[mode]
+        loss = loss_fn(*data.batch(pos))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    warmup = 5
+    batches = torch.randint(0, n, (compare + warmup + steps, batch_size), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    compiled_losses = [step("compiled", batches[0])]
+    _sync(device)
+    first = time.perf_counter() - t0
+    compiled_losses += [step("compiled", pos) for pos in batches[1:compare]]
+    eager_losses = [step("eager", pos) for pos in batches[:compare]]
+    out = {"compile_and_first_step_s": first}
+    for mode in ("eager", "compiled"):
+        out[f"{mode}_step_ms"] = 1e3 * seconds_per_call(
+            lambda it=iter(batches[compare:]): step(mode, next(it)), steps, device, warmup=warmup)
+    out["speedup"] = out["eager_step_ms"] / out["compiled_step_ms"]
+    out["max_loss_difference_first_steps"] = (torch.stack(eager_losses) - torch.stack(compiled_losses)).abs().max().item()
     return out
 
 

@@ -99,6 +99,9 @@ class _Split:
         self.arch_ids = torch.from_numpy(zoo.arch_ids[self.idx]).to(device)
         fits = int(zoo.weights.sizes[self.idx].sum()) * 4 <= RAM_LIMIT_BYTES
         self.weights = zoo.weights.select(self.idx).to(device) if fits else None  # ZooRows
+        # A uniform zoo in memory is a plain (N, D) tensor: index it directly. Positions come from the loop's
+        # own permutations, so ZooRows' index checks (a host sync each) would only cost time every step.
+        self.matrix = self.weights.matrix if self.weights is not None else None
 
     def __len__(self):
         return len(self.idx)
@@ -108,7 +111,9 @@ class _Split:
         labels (*pos.shape) on the device."""
         flat = pos.reshape(-1)
         on_device = flat.to(self.device)
-        if self.weights is not None:
+        if self.matrix is not None:
+            w = self.matrix[on_device]
+        elif self.weights is not None:
             w = self.weights[on_device]
         else:
             w = zoo_rows(self.zoo, self.idx[flat.numpy()]).to(self.device, non_blocking=True)
@@ -123,6 +128,7 @@ class _Members:
 
     def __init__(self, methods):
         self.methods, self.base, self.S = methods, methods[0], len(methods)
+        self._mode = None  # the mode set_mode last set (the first call always sets it)
         if self.S == 1:
             self.params = {k: p for k, p in self.base.named_parameters()}
         else:
@@ -140,7 +146,10 @@ class _Members:
         return [p for p in self.params.values() if p.requires_grad]
 
     def set_mode(self, training):
-        self.base.train(training)
+        # Module.train walks every submodule: only when the mode changes, not on every step.
+        if self._mode != training or self.base.training != training:
+            self.base.train(training)
+            self._mode = training
 
     def state(self, s):
         """Member s's state dict, copied to the CPU."""

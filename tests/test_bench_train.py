@@ -3,6 +3,8 @@ backward to the probes: the zoo weights take no gradient), and it reports the gl
 
 import platform
 
+import pytest
+
 import torch
 
 from fake_zoo import make_zoo
@@ -43,3 +45,16 @@ def test_generator_step_compares_the_same_map_at_a_quarter_of_the_flops():
     assert out["layer_by_layer_flops"] == 3 * 128 * forward
     assert out["basis_flops"] < out["layer_by_layer_flops"] / 3  # 33 generator passes instead of 128
     assert out["max_abs_difference"] < 1e-5 and out["speedup"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_step_trains_the_same_model_as_eager():
+    # torch.compile (inductor, a C++ compiler on the CPU) on a small ProbeGen: the two paths start from the
+    # same initialisation and see the same batches, so their losses may differ only by float rounding.
+    from probegen.bench_train import compiled_step
+    from probegen.nets.siren import DWSNETS_ARCH
+
+    zoo = make_zoo("siren", [DWSNETS_ARCH], 16, seed=0)
+    out = compiled_step(zoo, num_probes=8, batch_size=4, steps=2, compare=4)
+    assert out["compile_and_first_step_s"] > 0 and out["eager_step_ms"] > 0 and out["compiled_step_ms"] > 0
+    assert out["max_loss_difference_first_steps"] < 1e-4

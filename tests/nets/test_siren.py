@@ -47,12 +47,34 @@ def test_forward_per_model_inputs_and_other_widths():
     arch = {"in_dim": 3, "hidden": [8, 16, 4], "out_dim": 2, "w0": 5.0, "out_bias": -1.0}
     dim = num_params("siren", arch)
     rows = random_rows(3, dim, seed=1)
-    x = torch.rand(3, 10, 3) * 2 - 1  # (B, K, in): a different probe set per model
+    x = torch.rand(3, 10, 3, generator=torch.Generator().manual_seed(3)) * 2 - 1  # (B, K, in): per-model probes
     out = siren.forward(arch, rows, x)
     for i in range(3):
         with torch.no_grad():
             ref = siren.reference_module(arch, rows[i])(x[i])
         torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+
+
+def test_gradients_to_shared_probes_and_to_weights_match_the_reference_modules():
+    # What a probing step backpropagates (to the probes shared by every model) and what a weight-space
+    # method or a fit would (to the weights), for one output (the product-and-sum path) and for two (baddbmm).
+    for arch in (ARCH, {"in_dim": 2, "hidden": [8, 8], "out_dim": 2, "w0": 30.0, "out_bias": 0.5}):
+        dim = num_params("siren", arch)
+        rows = random_rows(4, dim, seed=2, scale=0.05).double().requires_grad_()
+        x = torch.rand(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+        x.requires_grad_()  # (K, 2) probes shared by every model
+        weights_out = torch.randn(4, 16, arch["out_dim"], dtype=torch.float64,
+                                  generator=torch.Generator().manual_seed(5))  # a loss weighing every output
+        (siren.forward(arch, rows, x) * weights_out).sum().backward()
+        x_grad = torch.zeros_like(x)
+        for i in range(4):
+            ref = siren.reference_module(arch, rows[i].detach()).double()
+            xi = x.detach().clone().requires_grad_()
+            (ref(xi) * weights_out[i]).sum().backward()
+            x_grad += xi.grad
+            ref_w_grad = torch.cat([p.grad.flatten() for p in ref.parameters()])
+            torch.testing.assert_close(rows.grad[i], ref_w_grad, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(x.grad, x_grad, atol=1e-9, rtol=1e-9)
 
 
 def test_out_bias_is_added():

@@ -106,7 +106,11 @@ def loss_and_grad(arch, weights, targets, coords):
         grads[2 * i] = torch.bmm(dz.transpose(1, 2), acts[i]).flatten(1)  # dW (C, out * in)
         grads[2 * i + 1] = dz.sum(1)  # db (C, out)
         if i > 0:  # through W_i and sin(w0 u): d/du = w0 cos(w0 u)
-            dz = torch.bmm(dz, layers[i][0] * w0).mul_(coss[i - 1])  # (C, K, in)
+            W_scaled = layers[i][0] * w0  # (C, out, in)
+            if W_scaled.shape[1] == 1:  # one output: (C, K, 1) x (C, 1, in) is a broadcast product, not a bmm
+                dz = coss[i - 1].mul_(dz).mul_(W_scaled)  # (C, K, in), in the cos buffer (not needed after)
+            else:
+                dz = torch.bmm(dz, W_scaled).mul_(coss[i - 1])  # (C, K, in)
     return mse, torch.cat(grads, 1)
 
 
