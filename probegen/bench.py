@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from probegen.bench_train import seconds_per_call
+from probegen.bench_train import dense_backward, seconds_per_call
 from probegen.methods import build_method
 from probegen.nets import forward_zoo, get_family
 from probegen.optim import CosineAdam
@@ -81,7 +81,7 @@ def probegen_steps_per_second(zoo, num_probes=128, batch=32, steps=30, device="c
             responses = torch.stack([modules[i](probes) for i in idx.tolist()])  # (B, K, 1)
         else:
             responses = forward_zoo(zoo.family, zoo.archs, arch_ids[idx], weights[idx], probes)  # (B, K, 1)
-        responses.sum().backward()
+        dense_backward(responses)
 
     def per_s(fn, calls):
         return 1 / seconds_per_call(fn, calls, device, warmup=3)
