@@ -173,6 +173,8 @@ def main(argv=None):
                              "processes: 30 epochs on digits_inr, K=128, batch 32, CPU")
     parser.add_argument("--official-seeds", type=int, nargs="+", default=[1], metavar="SEED",
                         help="seeds of that comparison (default: 1, the official default)")
+    parser.add_argument("--official-rounds", type=int, default=1, metavar="N",
+                        help="run that pair N times, alternating which goes first; medians reported")
     parser.add_argument("--gpt2", action="store_true", help="also path patching at GPT-2-small scale: the "
                         "engine vs one hooked forward per hypothesis (15-25 min)")
     parser.add_argument("--compile", action="store_true", help="also the ProbeGen step on digits_inr under "
@@ -219,7 +221,8 @@ def main(argv=None):
         report("the same, each method in its own process (peak memory)", bench_gpt2(device=device))
     if args.official:
         from probegen.bench_official import official_vs_ours, report_lines
-        print("\n" + "\n".join(report_lines(official_vs_ours(args.official, seeds=args.official_seeds))))
+        print("\n" + "\n".join(report_lines(official_vs_ours(args.official, seeds=args.official_seeds,
+                                                            rounds=args.official_rounds))))
     if args.scale == "full":
         for zoo, values in full_scale_report(device).items():
             report(f"full scale: {zoo}", values)

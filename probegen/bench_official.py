@@ -175,21 +175,35 @@ def run_ours(scratch, root, zoo, seeds, schedule, timeout):
 
 
 def official_vs_ours(official_repo, root=".", epochs=30, num_probes=128, batch_size=32, eval_every=100,
-                     seeds=(1,), timeout=3600, zoo="digits_inr", n_workers=0, keep=None):
+                     seeds=(1,), timeout=3600, zoo="digits_inr", n_workers=0, keep=None, rounds=1):
     """Run both on the same zoo, split, seeds and schedule; returns {official, ours, speedup} (see module doc).
-    keep: a folder to put the scratch files in (kept), instead of a temporary one (removed)."""
+    keep: a folder to put the scratch files in (kept), instead of a temporary one (removed).
+    rounds: run the pair this many times, which side goes first alternating (the machine's speed drifts);
+    the speedups are then the medians of the rounds' ratios, each side's seconds the medians of its runs, and
+    `rounds` lists every round's (official s, ours s, ratio). Metrics are from the first round."""
     schedule = {"epochs": epochs, "num_probes": num_probes, "batch_size": batch_size, "eval_every": eval_every}
     seeds = [int(s) for s in seeds]
     load_before = os.getloadavg()[0]  # wall times on a shared machine mean little without it
+    runs = []
     with tempfile.TemporaryDirectory(prefix="bench-official-") as tmp:
-        scratch = Path(keep) if keep else Path(tmp)
-        scratch.mkdir(parents=True, exist_ok=True)
-        official = run_official(official_repo, scratch, root, zoo, seeds, schedule, n_workers, timeout)
-        ours = run_ours(scratch, root, zoo, seeds, schedule, timeout)
+        for r in range(rounds):
+            scratch = (Path(keep) if keep else Path(tmp)) / (f"round-{r}" if rounds > 1 else "")
+            scratch.mkdir(parents=True, exist_ok=True)
+            run = {}
+            for side in ("official", "ours") if r % 2 == 0 else ("ours", "official"):
+                run[side] = (run_official(official_repo, scratch, root, zoo, seeds, schedule, n_workers, timeout)
+                             if side == "official" else run_ours(scratch, root, zoo, seeds, schedule, timeout))
+            runs.append(run)
+    official, ours = dict(runs[0]["official"]), dict(runs[0]["ours"])
+    for side, out in (("official", official), ("ours", ours)):
+        for key in ("seconds", "cpu_seconds"):
+            out[key] = float(np.median([run[side][key] for run in runs]))
+    ratios = [run["official"]["seconds"] / run["ours"]["seconds"] for run in runs]
+    cpu_ratios = [run["official"]["cpu_seconds"] / max(run["ours"]["cpu_seconds"], 1e-9) for run in runs]
     return {"zoo": zoo, "seeds": seeds, **schedule, "official": official, "ours": ours,
-            "speedup": official["seconds"] / ours["seconds"],
-            "cpu_speedup": official["cpu_seconds"] / max(ours["cpu_seconds"], 1e-9), "cpus": os.cpu_count(),
-            "load_avg": [load_before, os.getloadavg()[0]]}
+            "speedup": float(np.median(ratios)), "cpu_speedup": float(np.median(cpu_ratios)),
+            "rounds": [(run["official"]["seconds"], run["ours"]["seconds"], ratio) for run, ratio in zip(runs, ratios)],
+            "cpus": os.cpu_count(), "load_avg": [load_before, os.getloadavg()[0]]}
 
 
 def report_lines(result):
@@ -207,7 +221,9 @@ def report_lines(result):
             f"{result['load_avg'][1]:.1f} after",
             "  per seed  test (official / ours): " + ", ".join(
                 f"{seed}: {o['per_seed'][seed]['test_acc']:.4f} / {u['per_seed'][seed]['test']:.4f}"
-                for seed in result["seeds"])]
+                for seed in result["seeds"])] + ([
+            f"  rounds    official / ours s (ratio), medians above: " + ", ".join(
+                f"{a:.1f} / {b:.1f} ({a / b:.2f}x)" for a, b, _ in result["rounds"])] if len(result["rounds"]) > 1 else [])
 
 
 def _timed(cmd, cwd, env, timeout, log_path):
@@ -245,10 +261,12 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
     p.add_argument("--n-workers", type=int, default=0, help="the official DataLoader workers (its default: 4)")
     p.add_argument("--keep", help="keep the scratch files in this folder")
+    p.add_argument("--rounds", type=int, default=1, help="run the pair this many times, alternating which goes "
+                   "first; report the medians")
     args = p.parse_args(argv)
     try:
         result = official_vs_ours(args.official, root=args.root, epochs=args.epochs, seeds=args.seeds,
-                                  n_workers=args.n_workers, keep=args.keep)
+                                  n_workers=args.n_workers, keep=args.keep, rounds=args.rounds)
     except ProbegenError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

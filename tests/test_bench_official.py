@@ -175,6 +175,28 @@ def test_both_sides_on_a_fake_official_repo(tmp_path):
     assert lines[-1].endswith(f"2: {result['official']['per_seed'][2]['test_acc']:.4f} / 0.8200")
 
 
+def test_rounds_alternate_which_side_goes_first_and_report_medians(tmp_path):
+    repo = fake_official_repo(tmp_path / "ProbeGen")
+    root = fake_root(tmp_path / "project")
+    keep = tmp_path / "scratch"
+    result = bo.official_vs_ours(repo, root=root, epochs=1, num_probes=16, batch_size=2, eval_every=2,
+                                 seeds=(1,), n_workers=0, keep=keep, rounds=3)
+    assert len(result["rounds"]) == 3
+    ratios = [official / ours for official, ours, _ in result["rounds"]]
+    assert [ratio for _, _, ratio in result["rounds"]] == pytest.approx(ratios)
+    assert result["speedup"] == pytest.approx(sorted(ratios)[1])
+    assert result["ours"]["seconds"] == pytest.approx(sorted(ours for _, ours, _ in result["rounds"])[1])
+
+    def finished(r, side):  # when that side's run of round r wrote its result
+        path = {"official": "official_run/experiments/mnist_inr/runs/bench_seed_1/log.csv",
+                "ours": "ours/models/digits_inr/probegen/seed-1.json"}[side]
+        return (keep / f"round-{r}" / path).stat().st_mtime_ns
+
+    assert finished(0, "official") < finished(0, "ours") and finished(1, "ours") < finished(1, "official")
+    assert finished(2, "official") < finished(2, "ours")
+    assert bo.report_lines(result)[-1].startswith("  rounds    official / ours s (ratio)")
+
+
 def test_a_git_dir_is_checked_out_with_only_the_files_main_imports(tmp_path):
     work = fake_official_repo(tmp_path / "work")
     (work / "big_split.json").write_text("{}")

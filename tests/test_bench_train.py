@@ -4,7 +4,6 @@ backward to the probes: the zoo weights take no gradient), and it reports the gl
 import platform
 
 import pytest
-
 import torch
 
 from fake_zoo import make_zoo

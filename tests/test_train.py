@@ -7,7 +7,7 @@ from fake_zoo import make_zoo, register_tiny, split_of
 from probegen.errors import ProbegenError
 from probegen.methods import build_method
 from probegen.metrics import kendall_tau
-from probegen.training import _Split, evaluate, resolve_device, stackable, train, train_seeds
+from probegen.training import _Members, _Split, evaluate, resolve_device, stackable, train, train_seeds
 
 ARCHS = [{"in": 2, "hidden": 6, "out": 1}]
 SMALL = {"hidden": 32, "layers": 3}
@@ -221,3 +221,28 @@ def test_deterministic_kernels_make_gather_backwards_repeat_exactly_and_restore_
     assert all(torch.equal(grads[0], other) for other in grads[1:])
     assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
     torch.testing.assert_close(grads[0], torch.zeros(2000, 32).index_add_(0, idx, g), rtol=1e-5, atol=1e-4)
+
+
+def test_set_mode_walks_the_modules_when_the_mode_changes_also_from_outside():
+    # set_mode skips Module.train while the mode is unchanged; a mode changed behind its back (method.eval()
+    # by a caller) must still be corrected, or training would go on without dropout.
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    members = _Members([net])
+    members.set_mode(False)
+    assert not net.training and not net[1].training
+    net.train()  # from outside
+    members.set_mode(False)
+    assert not net.training and not net[1].training
+    members.set_mode(True)
+    assert net.training and net[1].training
+
+
+def test_a_uniform_split_batches_from_its_matrix_like_the_ragged_rows():
+    zoo = make_zoo("tiny_mlp", ARCHS, 40)
+    split = _Split(zoo, np.arange(5, 30), torch.device("cpu"))
+    assert split.matrix is not None  # one architecture: every row the same width
+    pos = torch.tensor([[0, 3, 24], [7, 7, 1]])  # (S, B)
+    w, a, y = split.batch(pos)
+    assert w.shape == (2, 3, zoo.weights.shape[1])
+    assert torch.equal(w, zoo.weights[torch.tensor([5, 8, 29, 12, 12, 6])].view(2, 3, -1))
+    assert torch.equal(y, torch.as_tensor(np.asarray(zoo.labels)[[5, 8, 29, 12, 12, 6]]).view(2, 3))

@@ -57,7 +57,7 @@ def test_forward_per_model_inputs_and_other_widths():
 
 def test_gradients_to_shared_probes_and_to_weights_match_the_reference_modules():
     # What a probing step backpropagates (to the probes shared by every model) and what a weight-space
-    # method or a fit would (to the weights), for one output (the product-and-sum path) and for two (baddbmm).
+    # method would (to the weights), for one output and for two.
     for arch in (ARCH, {"in_dim": 2, "hidden": [8, 8], "out_dim": 2, "w0": 30.0, "out_bias": 0.5}):
         dim = num_params("siren", arch)
         rows = random_rows(4, dim, seed=2, scale=0.05).double().requires_grad_()
