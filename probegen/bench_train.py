@@ -18,6 +18,7 @@ FLOPs count matmuls and convolutions (2 per multiply-add); elementwise work is n
 the matmul limit is an upper bound on how well a step uses the machine.
 """
 
+import functools
 import time
 
 import numpy as np
@@ -162,7 +163,13 @@ def _overhead(step, steps):
 def dense_backward(out):
     """Backpropagate a dense random cotangent from out, as a loss would. out.sum().backward() would feed a
     stride-0 gradient, on which some kernels take slow paths (a (K, 1) @ (1, n) bmm: 7x slower)."""
-    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out))
+    out.backward(_cotangent(tuple(out.shape), out.dtype, out.device))
+
+
+@functools.lru_cache(maxsize=8)
+def _cotangent(shape, dtype, device):
+    # drawn once per shape: a timed loop calling dense_backward then only looks it up
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
 
 
 def seconds_per_call(fn, calls, device, warmup=1):

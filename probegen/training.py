@@ -99,9 +99,6 @@ class _Split:
         self.arch_ids = torch.from_numpy(zoo.arch_ids[self.idx]).to(device)
         fits = int(zoo.weights.sizes[self.idx].sum()) * 4 <= RAM_LIMIT_BYTES
         self.weights = zoo.weights.select(self.idx).to(device) if fits else None  # ZooRows
-        # A uniform zoo in memory is a plain (N, D) tensor: index it directly. Positions come from the loop's
-        # own permutations, so ZooRows' index checks (a host sync each) would only cost time every step.
-        self.matrix = self.weights.matrix if self.weights is not None else None
 
     def __len__(self):
         return len(self.idx)
@@ -111,10 +108,10 @@ class _Split:
         labels (*pos.shape) on the device."""
         flat = pos.reshape(-1)
         on_device = flat.to(self.device)
-        if self.matrix is not None:
-            w = self.matrix[on_device]
-        elif self.weights is not None:
-            w = self.weights[on_device]
+        if self.weights is not None:
+            # positions within the split: valid by construction, so ZooRows' index checks (a host sync each)
+            # would only cost time every step
+            w = self.weights.take(on_device.long())
         else:
             w = zoo_rows(self.zoo, self.idx[flat.numpy()]).to(self.device, non_blocking=True)
         return (w.view(*pos.shape, -1), self.arch_ids[on_device].view(pos.shape),

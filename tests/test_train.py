@@ -237,10 +237,10 @@ def test_set_mode_walks_the_modules_when_the_mode_changes_also_from_outside():
     assert net.training and net[1].training
 
 
-def test_a_uniform_split_batches_from_its_matrix_like_the_ragged_rows():
+def test_a_split_batches_the_zoos_rows_at_its_positions():
     zoo = make_zoo("tiny_mlp", ARCHS, 40)
     split = _Split(zoo, np.arange(5, 30), torch.device("cpu"))
-    assert split.matrix is not None  # one architecture: every row the same width
+    assert split.weights.matrix is not None  # one architecture: rows come from the (N, D) view
     pos = torch.tensor([[0, 3, 24], [7, 7, 1]])  # (S, B)
     w, a, y = split.batch(pos)
     assert w.shape == (2, 3, zoo.weights.shape[1])

@@ -69,7 +69,11 @@ class ZooRows:
     def __getitem__(self, idx):
         if np.ndim(idx) == 0 and not isinstance(idx, slice):  # one model -> (D,)
             return self[[int(idx)]][0]
-        idx = self._positions(idx)
+        return self.take(self._positions(idx))
+
+    def take(self, idx):
+        """Rows idx -> (B, D): idx a (B,) long tensor on this zoo's device, already in [0, N) (what
+        _positions makes of any index; the training loop's own permutations). Unchecked: no host sync."""
         if self.matrix is not None:
             return self.matrix[idx]
         values, sizes = self._gather(idx)

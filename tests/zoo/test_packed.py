@@ -204,3 +204,11 @@ def test_a_packed_zoo_follows_the_umask(tmp_path, mask, file_mode, dir_mode):
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "zoo").stat().st_mode) == dir_mode
     assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "zoo").iterdir()} == {file_mode}
+
+
+@pytest.mark.parametrize("sizes", [[3, 5, 2, 5], [4, 4, 4, 4]])
+def test_take_is_indexing_without_the_checks(sizes):
+    # the training loop's unchecked path returns what checked indexing returns, ragged or uniform
+    rows = ragged(np.arange(1, sum(sizes) + 1, dtype=np.float32), sizes)
+    idx = torch.tensor([3, 0, 3, 2])
+    assert torch.equal(rows.take(idx), rows[idx])
