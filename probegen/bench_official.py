@@ -181,6 +181,8 @@ def official_vs_ours(official_repo, root=".", epochs=30, num_probes=128, batch_s
     rounds: run the pair this many times, which side goes first alternating (the machine's speed drifts);
     the speedups are then the medians of the rounds' ratios, each side's seconds the medians of its runs, and
     `rounds` lists every round's (official s, ours s, ratio). Metrics are from the first round."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ProbegenError(f"bench_official: rounds must be a positive integer, got {rounds!r}")
     schedule = {"epochs": epochs, "num_probes": num_probes, "batch_size": batch_size, "eval_every": eval_every}
     seeds = [int(s) for s in seeds]
     load_before = os.getloadavg()[0]  # wall times on a shared machine mean little without it

@@ -197,6 +197,13 @@ def test_rounds_alternate_which_side_goes_first_and_report_medians(tmp_path):
     assert bo.report_lines(result)[-1].startswith("  rounds    official / ours s (ratio)")
 
 
+def test_rounds_below_one_are_one_error_line_and_run_nothing(tmp_path, capsys):
+    keep = tmp_path / "scratch"
+    assert bo.main([str(tmp_path / "ProbeGen"), "--rounds", "0", "--keep", str(keep)]) == 1
+    assert capsys.readouterr().err == "error: bench_official: rounds must be a positive integer, got 0\n"
+    assert not keep.exists()
+
+
 def test_a_git_dir_is_checked_out_with_only_the_files_main_imports(tmp_path):
     work = fake_official_repo(tmp_path / "work")
     (work / "big_split.json").write_text("{}")
